@@ -1,0 +1,270 @@
+//! Parsing and validation of the idempotency key carried by a request.
+
+use std::fmt;
+
+use http::{HeaderMap, HeaderName};
+
+/// The longest key accepted, in characters (bytes: keys are ASCII).
+pub const MAX_KEY_LEN: usize = 255;
+
+/// A validated idempotency key: 1 to 255 characters of visible ASCII (`0x21..=0x7E`).
+///
+/// The layer inserts the key into the request's extensions before it calls the inner service, so a
+/// handler can read it (with the `axum` feature, as an extractor) and forward it downstream or
+/// write it in the same database transaction as its side effect.
+///
+/// Its `Debug` output is redacted: keys are bearer-like secrets for the duration of their
+/// record and never appear in logs.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(Box<str>);
+
+impl IdempotencyKey {
+    /// Parses one header value: a bare key, or an RFC 8941 sf-string (`"..."`, with `\"` and
+    /// `\\` escapes) that is unquoted before use. Parameters after a quoted key are rejected.
+    pub fn parse(value: &[u8]) -> Result<Self, KeyError> {
+        let unquoted: std::borrow::Cow<'_, [u8]> = match value.first() {
+            Some(b'"') => unquote_sf_string(value)?.into(),
+            Some(_) => {
+                if value.contains(&b'"') {
+                    return Err(KeyError::InvalidCharacter);
+                }
+                value.into()
+            }
+            None => return Err(KeyError::Empty),
+        };
+        validate(&unquoted)?;
+        // `validate` only lets visible ASCII through, so this is valid UTF-8.
+        let text =
+            String::from_utf8(unquoted.into_owned()).map_err(|_| KeyError::InvalidCharacter)?;
+        Ok(Self(text.into_boxed_str()))
+    }
+
+    /// The key as it was sent (unquoted).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IdempotencyKey(<{} chars>)", self.0.len())
+    }
+}
+
+impl AsRef<str> for IdempotencyKey {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+fn validate(key: &[u8]) -> Result<(), KeyError> {
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong);
+    }
+    if !key.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(KeyError::InvalidCharacter);
+    }
+    Ok(())
+}
+
+/// Unquotes an RFC 8941 sf-string. Anything after the closing quote (parameters, a list) is an
+/// error: an idempotency key is a single string.
+fn unquote_sf_string(value: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let mut out = Vec::with_capacity(value.len());
+    let mut iter = value[1..].iter();
+    loop {
+        match iter.next() {
+            None => return Err(KeyError::Unterminated),
+            Some(b'\\') => match iter.next() {
+                Some(&c @ (b'"' | b'\\')) => out.push(c),
+                _ => return Err(KeyError::InvalidEscape),
+            },
+            Some(b'"') => break,
+            Some(&c) if (0x20..=0x7e).contains(&c) => out.push(c),
+            Some(_) => return Err(KeyError::InvalidCharacter),
+        }
+    }
+    if iter.next().is_some() {
+        return Err(KeyError::TrailingCharacters);
+    }
+    Ok(out)
+}
+
+/// Why a request's key was refused. Every variant becomes a `400 Bad Request`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The header is present but empty (or the quoted string is empty).
+    Empty,
+    /// Longer than [`MAX_KEY_LEN`] characters.
+    TooLong,
+    /// A character outside visible ASCII, or a stray `"`.
+    InvalidCharacter,
+    /// A quoted key without its closing quote.
+    Unterminated,
+    /// A backslash in a quoted key not followed by `"` or `\`.
+    InvalidEscape,
+    /// Something (parameters, another list member) after the closing quote.
+    TrailingCharacters,
+    /// The same header sent more than once.
+    Repeated,
+    /// Two of the configured key headers carry different keys.
+    Conflicting,
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Empty => "the idempotency key is empty",
+            Self::TooLong => "the idempotency key is longer than 255 characters",
+            Self::InvalidCharacter => {
+                "the idempotency key may only contain visible ASCII characters (0x21-0x7E)"
+            }
+            Self::Unterminated => "the quoted idempotency key has no closing quote",
+            Self::InvalidEscape => "the quoted idempotency key has an invalid escape sequence",
+            Self::TrailingCharacters => {
+                "the idempotency key header has characters after the quoted key"
+            }
+            Self::Repeated => "the idempotency key header is sent more than once",
+            Self::Conflicting => "two idempotency key headers carry different keys",
+        })
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// Reads the key from the first of `names` present in `headers`.
+///
+/// Returns `Ok(None)` when none is present. A header sent twice, or two configured headers with
+/// different keys, is an error.
+pub(crate) fn from_headers(
+    headers: &HeaderMap,
+    names: &[HeaderName],
+) -> Result<Option<IdempotencyKey>, KeyError> {
+    let mut found: Option<IdempotencyKey> = None;
+    for name in names {
+        let mut values = headers.get_all(name).iter();
+        let Some(value) = values.next() else { continue };
+        if values.next().is_some() {
+            return Err(KeyError::Repeated);
+        }
+        let key = IdempotencyKey::parse(value.as_bytes())?;
+        match &found {
+            Some(first) if *first != key => return Err(KeyError::Conflicting),
+            Some(_) => {}
+            None => found = Some(key),
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn parse_table() {
+        let long = "a".repeat(255);
+        let too_long = "a".repeat(256);
+        let quoted_long = format!("\"{long}\"");
+        let cases: &[(&[u8], Result<&str, KeyError>)] = &[
+            (b"abc", Ok("abc")),
+            (
+                b"5104d412-11c9-42b7-832d-20d0469b2d2b",
+                Ok("5104d412-11c9-42b7-832d-20d0469b2d2b"),
+            ),
+            (b"\"abc\"", Ok("abc")),
+            (b"\"a\\\"b\\\\c\"", Ok("a\"b\\c")),
+            (b"a,b", Ok("a,b")),
+            (b"~!#$%&'()*+", Ok("~!#$%&'()*+")),
+            (long.as_bytes(), Ok(long.as_str())),
+            (quoted_long.as_bytes(), Ok(long.as_str())),
+            (too_long.as_bytes(), Err(KeyError::TooLong)),
+            (b"", Err(KeyError::Empty)),
+            (b"\"\"", Err(KeyError::Empty)),
+            (b"a b", Err(KeyError::InvalidCharacter)),
+            (b"\"a b\"", Err(KeyError::InvalidCharacter)),
+            (b"a\tb", Err(KeyError::InvalidCharacter)),
+            (b"a\x01b", Err(KeyError::InvalidCharacter)),
+            (b"\xc3\xa9t\xc3\xa9", Err(KeyError::InvalidCharacter)),
+            (b"\"\xc3\xa9\"", Err(KeyError::InvalidCharacter)),
+            (b"a\"b", Err(KeyError::InvalidCharacter)),
+            (b"\"abc", Err(KeyError::Unterminated)),
+            (b"\"a\\bc\"", Err(KeyError::InvalidEscape)),
+            (b"\"abc\";p=1", Err(KeyError::TrailingCharacters)),
+            (b"\"abc\", \"def\"", Err(KeyError::TrailingCharacters)),
+        ];
+        for (input, expected) in cases {
+            let got = IdempotencyKey::parse(input);
+            match (expected, got) {
+                (Ok(want), Ok(key)) => assert_eq!(key.as_str(), *want, "input {input:?}"),
+                (Err(want), Err(err)) => assert_eq!(err, *want, "input {input:?}"),
+                (want, got) => panic!("input {input:?}: expected {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    fn names() -> Vec<HeaderName> {
+        vec![
+            HeaderName::from_static("idempotency-key"),
+            HeaderName::from_static("x-idempotency-key"),
+        ]
+    }
+
+    #[test]
+    fn headers_table() {
+        let v = HeaderValue::from_static;
+        type Case = (
+            Vec<(&'static str, HeaderValue)>,
+            Result<Option<&'static str>, KeyError>,
+        );
+        let cases: Vec<Case> = vec![
+            (vec![], Ok(None)),
+            (vec![("idempotency-key", v("k1"))], Ok(Some("k1"))),
+            (vec![("x-idempotency-key", v("k2"))], Ok(Some("k2"))),
+            (
+                vec![
+                    ("idempotency-key", v("k1")),
+                    ("x-idempotency-key", v("\"k1\"")),
+                ],
+                Ok(Some("k1")),
+            ),
+            (
+                vec![("idempotency-key", v("k1")), ("x-idempotency-key", v("k2"))],
+                Err(KeyError::Conflicting),
+            ),
+            (
+                vec![("idempotency-key", v("k1")), ("idempotency-key", v("k1"))],
+                Err(KeyError::Repeated),
+            ),
+            (
+                vec![("x-idempotency-key", v("bad key"))],
+                Err(KeyError::InvalidCharacter),
+            ),
+            (vec![("other", v("k1"))], Ok(None)),
+        ];
+        for (headers, expected) in cases {
+            let mut map = HeaderMap::new();
+            for (name, value) in &headers {
+                map.append(HeaderName::from_static(name), value.clone());
+            }
+            let got = from_headers(&map, &names()).map(|k| k.map(|k| k.as_str().to_owned()));
+            assert_eq!(
+                got,
+                expected.map(|k| k.map(str::to_owned)),
+                "headers {headers:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn debug_is_redacted() {
+        let key = IdempotencyKey::parse(b"secret-key").unwrap();
+        let shown = format!("{key:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+}

@@ -1,0 +1,262 @@
+//! The layer and its configuration.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, Response, StatusCode, header, request, response};
+use tower_layer::Layer;
+
+use crate::rejection::Rejection;
+use crate::service::Idempotency;
+
+type ScopeFn = dyn Fn(&request::Parts) -> Option<String> + Send + Sync;
+type StorePredicate = dyn Fn(&response::Parts) -> bool + Send + Sync;
+type RejectionFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
+
+/// Settings shared by every clone of the service.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) key_headers: Vec<HeaderName>,
+    pub(crate) require_key: bool,
+    pub(crate) skip_safe_methods: bool,
+    pub(crate) lock_ttl: Duration,
+    pub(crate) record_ttl: Duration,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_response_body: usize,
+    pub(crate) store_timeout: Duration,
+    pub(crate) fail_open: bool,
+    pub(crate) excluded_headers: Vec<HeaderName>,
+    pub(crate) store_response: Arc<StorePredicate>,
+    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) rejection: Option<Arc<RejectionFn>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            key_headers: vec![
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("x-idempotency-key"),
+            ],
+            require_key: true,
+            skip_safe_methods: true,
+            lock_ttl: Duration::from_secs(30),
+            record_ttl: Duration::from_secs(24 * 60 * 60),
+            max_request_body: 1024 * 1024,
+            max_response_body: 1024 * 1024,
+            store_timeout: Duration::from_secs(2),
+            fail_open: false,
+            excluded_headers: vec![header::SET_COOKIE],
+            store_response: Arc::new(|parts| parts.status < StatusCode::INTERNAL_SERVER_ERROR),
+            scope: None,
+            rejection: None,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("key_headers", &self.key_headers)
+            .field("require_key", &self.require_key)
+            .field("skip_safe_methods", &self.skip_safe_methods)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("record_ttl", &self.record_ttl)
+            .field("max_request_body", &self.max_request_body)
+            .field("max_response_body", &self.max_response_body)
+            .field("store_timeout", &self.store_timeout)
+            .field("fail_open", &self.fail_open)
+            .field("excluded_headers", &self.excluded_headers)
+            .field("scope", &self.scope.is_some())
+            .field("rejection", &self.rejection.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`Layer`] that makes the services it wraps idempotent, with entries kept in `St`.
+///
+/// See the [crate documentation](crate) for the behaviour. Every setter documents its default.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+///
+/// let layer = IdempotencyLayer::new(MemoryStore::new())
+///     .record_ttl(Duration::from_secs(7 * 24 * 60 * 60))
+///     .lock_ttl(Duration::from_secs(10))
+///     .scope_with(|parts| {
+///         parts.headers.get("x-tenant").and_then(|v| v.to_str().ok()).map(str::to_owned)
+///     });
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct IdempotencyLayer<St> {
+    store: St,
+    config: Arc<Config>,
+}
+
+impl<St> IdempotencyLayer<St> {
+    /// A layer with the default settings, keeping its entries in `store`.
+    pub fn new(store: St) -> Self {
+        Self {
+            store,
+            config: Arc::new(Config::default()),
+        }
+    }
+
+    fn config(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.store
+    }
+
+    /// Sets the headers the key is read from, in order. A request carrying several of them with
+    /// different keys is rejected (`400`).
+    ///
+    /// Defaults to `Idempotency-Key`, then `X-Idempotency-Key`.
+    pub fn key_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.config().key_headers = names.into_iter().collect();
+        self
+    }
+
+    /// Whether a request without a key is rejected (`400`, `true`) or passed to the service
+    /// untouched, without any protection (`false`).
+    ///
+    /// Defaults to `true`.
+    pub fn require_key(mut self, required: bool) -> Self {
+        self.config().require_key = required;
+        self
+    }
+
+    /// Whether requests with a safe method (`GET`, `HEAD`, `OPTIONS`, `TRACE`) pass through
+    /// untouched. Set to `false` to protect every method.
+    ///
+    /// Defaults to `true`.
+    pub fn skip_safe_methods(mut self, skip: bool) -> Self {
+        self.config().skip_safe_methods = skip;
+        self
+    }
+
+    /// Sets the lease of a running request: how long a key stays locked if its owner stops
+    /// renewing it (the instance crashed). The owner renews every third of it while the handler
+    /// runs, so a slow handler keeps its lock however long it takes.
+    ///
+    /// Defaults to 30 seconds.
+    pub fn lock_ttl(mut self, ttl: Duration) -> Self {
+        self.config().lock_ttl = ttl.max(Duration::from_millis(3));
+        self
+    }
+
+    /// Sets how long a completed response is kept and replayed. After it, the key is new again.
+    /// Choose at least the longest time a client (or webhook sender) may retry.
+    ///
+    /// Defaults to 24 hours.
+    pub fn record_ttl(mut self, ttl: Duration) -> Self {
+        self.config().record_ttl = ttl;
+        self
+    }
+
+    /// Sets the largest request body, in bytes, the layer buffers (it must read the whole body
+    /// to fingerprint it). A larger body is rejected with `413` before the store is touched.
+    ///
+    /// Defaults to 1 MiB.
+    pub fn max_request_body(mut self, bytes: usize) -> Self {
+        self.config().max_request_body = bytes;
+        self
+    }
+
+    /// Sets the largest response body, in bytes, that is stored for replay.
+    ///
+    /// A larger response is still sent in full to the first caller, and the key is still marked
+    /// completed (the handler never runs twice), but only the status and headers are stored: a
+    /// replay has the original status and headers and an empty body. The layer buffers the whole
+    /// response in memory either way, so do not put it in front of streaming responses.
+    ///
+    /// Defaults to 1 MiB.
+    pub fn max_response_body(mut self, bytes: usize) -> Self {
+        self.config().max_response_body = bytes;
+        self
+    }
+
+    /// Sets the time limit of every store operation. A claim that does not finish in time is
+    /// treated as the store being unavailable (`503`, or fail-open).
+    ///
+    /// Defaults to 2 seconds.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config().store_timeout = timeout;
+        self
+    }
+
+    /// Whether to run the handler **without protection** when the store is unavailable (`true`),
+    /// logging a warning, instead of answering `503` (`false`). Fail-open trades the
+    /// exactly-once guarantee for availability; leave it off for payments.
+    ///
+    /// Defaults to `false`.
+    pub fn fail_open(mut self, enabled: bool) -> Self {
+        self.config().fail_open = enabled;
+        self
+    }
+
+    /// Sets the response headers that are not stored (nor replayed), in addition to the
+    /// hop-by-hop headers, which never are.
+    ///
+    /// Defaults to `Set-Cookie`, so a session cookie issued to the first caller is not handed to
+    /// whoever replays the key.
+    pub fn exclude_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.config().excluded_headers = names.into_iter().collect();
+        self
+    }
+
+    /// Sets which responses are stored and replayed. A response that is not stored releases the
+    /// key, so a retry runs the handler again.
+    ///
+    /// Defaults to statuses below 500: a server error is worth retrying, a client error is not.
+    pub fn store_response_with<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.config().store_response = Arc::new(predicate);
+        self
+    }
+
+    /// Adds the caller to the scope of every key: `f` returns an identity (a tenant, an account,
+    /// an API key id) from the request, so two callers using the same key never see each
+    /// other's responses. Requests for which `f` returns `None` share one caller-less scope.
+    ///
+    /// Keys are always scoped by route as well: the matched route (with the `axum` feature and
+    /// [`Router::route_layer`](https://docs.rs/axum/latest/axum/struct.Router.html#method.route_layer)),
+    /// otherwise the request path.
+    ///
+    /// Defaults to no caller scope.
+    pub fn scope_with<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&request::Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.config().scope = Some(Arc::new(f));
+        self
+    }
+
+    /// Replaces the default problem+json rendering of rejections.
+    ///
+    /// Defaults to [`Rejection::to_response`].
+    pub fn rejection_with<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Rejection) -> Response<Bytes> + Send + Sync + 'static,
+    {
+        self.config().rejection = Some(Arc::new(f));
+        self
+    }
+}
+
+impl<S, St: Clone> Layer<S> for IdempotencyLayer<St> {
+    type Service = Idempotency<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::new(inner, self.store.clone(), self.config.clone())
+    }
+}

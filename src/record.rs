@@ -1,0 +1,421 @@
+//! Stored records: the completed response that is replayed, and its compact binary encoding.
+//!
+//! The encoding is versioned (first byte) and self-describing enough that a corrupted or foreign
+//! value is detected and refused instead of replayed.
+//!
+//! ```text
+//! running:   [version][b'R'][owner: 16][fingerprint: 32][lease deadline, unix ms: u64 LE]
+//! completed: [version][b'D'][fingerprint: 32][flags: u8][status: u16 LE][header count: u16 LE]
+//!            { [name len: u16 LE][name][value len: u32 LE][value] } * header count
+//!            [body: the rest]
+//! ```
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+
+use crate::fingerprint::Fingerprint;
+
+/// The encoding version written by this crate.
+pub(crate) const VERSION: u8 = 1;
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) const RUNNING: u8 = b'R';
+pub(crate) const DONE: u8 = b'D';
+const FLAG_BODY_OMITTED: u8 = 1;
+
+/// A completed request as the store keeps it: the fingerprint of the request that produced it
+/// and the response to replay.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct CompletedRecord {
+    /// Fingerprint of the request that ran.
+    pub fingerprint: Fingerprint,
+    /// Status of the original response.
+    pub status: StatusCode,
+    /// Headers of the original response, hop-by-hop and excluded headers removed.
+    pub headers: HeaderMap,
+    /// Body of the original response (empty when [`body_omitted`](Self::body_omitted)).
+    pub body: Bytes,
+    /// The original body was larger than the layer's response limit and was not stored: the
+    /// replay carries the original status and headers with an empty body.
+    pub body_omitted: bool,
+}
+
+impl CompletedRecord {
+    /// Creates a record.
+    pub fn new(
+        fingerprint: Fingerprint,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        body_omitted: bool,
+    ) -> Self {
+        Self {
+            fingerprint,
+            status,
+            headers,
+            body,
+            body_omitted,
+        }
+    }
+
+    /// The size of [`encode`](Self::encode)'s output, without encoding.
+    pub fn encoded_len(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| 2 + name.as_str().len() + 4 + value.len())
+            .sum();
+        2 + 32 + 1 + 2 + 2 + headers + self.body.len()
+    }
+
+    /// Encodes the record in the crate's versioned binary format.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        out.extend_from_slice(&[VERSION, DONE]);
+        out.extend_from_slice(self.fingerprint.as_bytes());
+        out.push(if self.body_omitted {
+            FLAG_BODY_OMITTED
+        } else {
+            0
+        });
+        out.extend_from_slice(&self.status.as_u16().to_le_bytes());
+        // `HeaderMap` cannot hold more than 32768 entries, so the count fits in a u16; names are
+        // shorter than 64 KiB and values are limited to u32 by `encoded_len`'s users (bodies are
+        // capped far below that by the layer).
+        let count = u16::try_from(self.headers.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&count.to_le_bytes());
+        for (name, value) in self.headers.iter().take(usize::from(count)) {
+            let name = name.as_str().as_bytes();
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            out.extend_from_slice(name);
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            out.extend_from_slice(value.as_bytes());
+        }
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// Decodes a record written by [`encode`](Self::encode). The body shares `bytes`' buffer.
+    pub fn decode(bytes: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader {
+            buf: &bytes,
+            pos: 0,
+        };
+        r.header(DONE)?;
+        let fingerprint = Fingerprint(r.array()?);
+        let flags = r.u8()?;
+        if flags & !FLAG_BODY_OMITTED != 0 {
+            return Err(DecodeError("unknown flags"));
+        }
+        let status =
+            StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("invalid status code"))?;
+        let count = r.u16()?;
+        let mut headers = HeaderMap::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let len = usize::from(r.u16()?);
+            let name = HeaderName::from_bytes(r.take(len)?)
+                .map_err(|_| DecodeError("invalid header name"))?;
+            let len = r.u32()? as usize;
+            let value = HeaderValue::from_bytes(r.take(len)?)
+                .map_err(|_| DecodeError("invalid header value"))?;
+            headers.append(name, value);
+        }
+        let body = bytes.slice(r.pos..);
+        let body_omitted = flags & FLAG_BODY_OMITTED != 0;
+        if body_omitted && !body.is_empty() {
+            return Err(DecodeError("body present on a record marked body-omitted"));
+        }
+        Ok(Self {
+            fingerprint,
+            status,
+            headers,
+            body,
+            body_omitted,
+        })
+    }
+}
+
+// The running record and `Stored` are only used by stores that keep encoded bytes (Redis).
+#[cfg(feature = "redis")]
+mod running {
+    use super::*;
+
+    /// A running claim as the Redis store encodes it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) struct RunningRecord {
+        pub(crate) owner: [u8; 16],
+        pub(crate) fingerprint: Fingerprint,
+        /// When the lease lapses, in milliseconds since the Unix epoch (the owner's clock).
+        pub(crate) deadline_ms: u64,
+    }
+
+    /// The length of the prefix that identifies a running record's owner: version, tag, owner.
+    pub(crate) const OWNER_PREFIX_LEN: usize = 18;
+
+    impl RunningRecord {
+        pub(crate) const LEN: usize = OWNER_PREFIX_LEN + 32 + 8;
+
+        pub(crate) fn owner_prefix(owner: &[u8; 16]) -> [u8; OWNER_PREFIX_LEN] {
+            let mut out = [0; OWNER_PREFIX_LEN];
+            out[0] = VERSION;
+            out[1] = RUNNING;
+            out[2..].copy_from_slice(owner);
+            out
+        }
+
+        pub(crate) fn encode(&self) -> [u8; Self::LEN] {
+            let mut out = [0; Self::LEN];
+            out[..OWNER_PREFIX_LEN].copy_from_slice(&Self::owner_prefix(&self.owner));
+            out[OWNER_PREFIX_LEN..OWNER_PREFIX_LEN + 32]
+                .copy_from_slice(self.fingerprint.as_bytes());
+            out[OWNER_PREFIX_LEN + 32..].copy_from_slice(&self.deadline_ms.to_le_bytes());
+            out
+        }
+
+        pub(crate) fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+            let mut r = Reader { buf: bytes, pos: 0 };
+            r.header(RUNNING)?;
+            let owner = r.array()?;
+            let fingerprint = Fingerprint(r.array()?);
+            let deadline_ms = u64::from_le_bytes(r.array()?);
+            if r.pos != bytes.len() {
+                return Err(DecodeError("trailing bytes after a running record"));
+            }
+            Ok(Self {
+                owner,
+                fingerprint,
+                deadline_ms,
+            })
+        }
+    }
+
+    /// Either kind of stored value, as read back from a store that keeps encoded bytes.
+    #[derive(Debug)]
+    pub(crate) enum Stored {
+        Running(RunningRecord),
+        Completed(CompletedRecord),
+    }
+
+    impl Stored {
+        pub(crate) fn decode(bytes: Bytes) -> Result<Self, DecodeError> {
+            match bytes.get(..2) {
+                Some([VERSION, RUNNING]) => RunningRecord::decode(&bytes).map(Self::Running),
+                Some([VERSION, DONE]) => CompletedRecord::decode(bytes).map(Self::Completed),
+                Some([VERSION, _]) => Err(DecodeError("unknown record kind")),
+                Some(_) => Err(DecodeError("unknown record version")),
+                None => Err(DecodeError("record too short")),
+            }
+        }
+    }
+}
+#[cfg(feature = "redis")]
+pub(crate) use running::{RunningRecord, Stored};
+
+/// A stored value that is not a record this crate wrote (corrupted, truncated, another version).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError(&'static str);
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "stored idempotency record is unreadable: {}", self.0)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.buf.len())
+            .ok_or(DecodeError("record truncated"))?;
+        let out = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut out = [0; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.array().map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.array().map(u32::from_le_bytes)
+    }
+
+    fn header(&mut self, kind: u8) -> Result<(), DecodeError> {
+        match self.array()? {
+            [VERSION, k] if k == kind => Ok(()),
+            [VERSION, _] => Err(DecodeError("unexpected record kind")),
+            _ => Err(DecodeError("unknown record version")),
+        }
+    }
+}
+
+/// Headers never stored: hop-by-hop headers (RFC 9110 §7.6.1) describe one connection, not the
+/// response.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Copies the headers worth storing: everything but hop-by-hop headers, headers the `Connection`
+/// header names, `Upgrade`, and the caller's `excluded` list.
+pub(crate) fn storable_headers(headers: &HeaderMap, excluded: &[HeaderName]) -> HeaderMap {
+    let connection_named: Vec<&str> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let drop = HOP_BY_HOP.contains(name)
+            || *name == header::UPGRADE
+            || excluded.contains(name)
+            || connection_named
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(name.as_str()));
+        if !drop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> CompletedRecord {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.append("x-multi", HeaderValue::from_static("one"));
+        headers.append("x-multi", HeaderValue::from_static("two"));
+        CompletedRecord::new(
+            Fingerprint([7; 32]),
+            StatusCode::CREATED,
+            headers,
+            Bytes::from_static(b"{\"ok\":true}"),
+            false,
+        )
+    }
+
+    #[test]
+    fn completed_round_trip() {
+        let rec = sample();
+        let bytes = rec.encode();
+        assert_eq!(bytes.len(), rec.encoded_len());
+        let back = CompletedRecord::decode(Bytes::from(bytes)).unwrap();
+        assert_eq!(back, rec);
+        let multi: Vec<_> = back.headers.get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["one", "two"]);
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn running_round_trip() {
+        use super::running::OWNER_PREFIX_LEN;
+        let rec = RunningRecord {
+            owner: [3; 16],
+            fingerprint: Fingerprint([9; 32]),
+            deadline_ms: 1_700_000_000_123,
+        };
+        let bytes = rec.encode();
+        assert_eq!(
+            &bytes[..OWNER_PREFIX_LEN],
+            &RunningRecord::owner_prefix(&[3; 16])
+        );
+        assert_eq!(RunningRecord::decode(&bytes).unwrap(), rec);
+        match Stored::decode(Bytes::copy_from_slice(&bytes)).unwrap() {
+            Stored::Running(r) => assert_eq!(r, rec),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample().encode();
+        let body_start = bytes.len() - sample().body.len();
+        for cut in 0..body_start {
+            let res = Stored::decode(Bytes::copy_from_slice(&bytes[..cut]));
+            assert!(res.is_err(), "cut at {cut} decoded: {res:?}");
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn garbage_is_an_error() {
+        for garbage in [
+            &b""[..],
+            b"x",
+            b"hello world",
+            b"\x02D",
+            b"\x01Z0000",
+            b"\x01R",
+        ] {
+            assert!(
+                Stored::decode(Bytes::from_static(garbage)).is_err(),
+                "{garbage:?}"
+            );
+        }
+        let mut bytes = sample().encode();
+        bytes[34] = 0xff; // flags
+        assert!(Stored::decode(Bytes::from(bytes)).is_err());
+        let mut bytes = sample().encode();
+        bytes[35..37].copy_from_slice(&42u16.to_le_bytes()); // status 42
+        assert!(Stored::decode(Bytes::from(bytes)).is_err());
+    }
+
+    #[test]
+    fn storable_headers_drops_hop_by_hop_and_excluded() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-conn"),
+        );
+        h.insert("x-conn", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::SET_COOKIE, HeaderValue::from_static("a=b"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.append("x-keep", HeaderValue::from_static("1"));
+        h.append("x-keep", HeaderValue::from_static("2"));
+        let out = storable_headers(&h, &[header::SET_COOKIE]);
+        let names: Vec<_> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-keep"]);
+        assert_eq!(out.get_all("x-keep").iter().count(), 2);
+        let out = storable_headers(&h, &[]);
+        assert!(out.contains_key(header::SET_COOKIE));
+    }
+}

@@ -1,0 +1,243 @@
+//! Responses the layer sends instead of calling the handler: RFC 9457 problem details.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::key::KeyError;
+
+/// The base of every problem `type` URI; the variant name is the fragment.
+const TYPE_BASE: &str =
+    "https://docs.rs/tower-idempotency/latest/tower_idempotency/enum.RejectionKind.html#variant.";
+
+/// Why the layer answered a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RejectionKind {
+    /// `400`: the request has no idempotency key and one is required.
+    MissingKey,
+    /// `400`: the key is malformed, repeated, or two key headers disagree.
+    InvalidKey(KeyError),
+    /// `413`: the request body is larger than the layer's limit.
+    PayloadTooLarge,
+    /// `400`: the request body could not be read (the client went away or sent a broken body).
+    BodyUnreadable,
+    /// `409`: a request with the same key is still being processed. Carries `Retry-After`.
+    InFlight,
+    /// `422`: the key was already used for a different request (method, path or body differ).
+    KeyReused,
+    /// `503`: the store could not be reached in time; the handler did not run. Carries
+    /// `Retry-After`.
+    StoreUnavailable,
+    /// `500`: the stored record for this key is unreadable; the handler did not run.
+    CorruptRecord,
+    /// `500`: the handler panicked or its response body failed; the claim was released, so a
+    /// retry runs it again.
+    HandlerFailed,
+}
+
+impl RejectionKind {
+    /// The HTTP status of the rejection.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingKey | Self::InvalidKey(_) | Self::BodyUnreadable => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InFlight => StatusCode::CONFLICT,
+            Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CorruptRecord | Self::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The problem `title`: a short summary, the same for every occurrence.
+    pub fn title(&self) -> &'static str {
+        match self {
+            Self::MissingKey => "Idempotency key missing",
+            Self::InvalidKey(_) => "Idempotency key invalid",
+            Self::PayloadTooLarge => "Request body too large",
+            Self::BodyUnreadable => "Request body unreadable",
+            Self::InFlight => "Request already in progress",
+            Self::KeyReused => "Idempotency key reused",
+            Self::StoreUnavailable => "Idempotency store unavailable",
+            Self::CorruptRecord => "Stored response unreadable",
+            Self::HandlerFailed => "Request handler failed",
+        }
+    }
+
+    fn type_name(&self) -> &'static str {
+        match self {
+            Self::MissingKey => "MissingKey",
+            Self::InvalidKey(_) => "InvalidKey",
+            Self::PayloadTooLarge => "PayloadTooLarge",
+            Self::BodyUnreadable => "BodyUnreadable",
+            Self::InFlight => "InFlight",
+            Self::KeyReused => "KeyReused",
+            Self::StoreUnavailable => "StoreUnavailable",
+            Self::CorruptRecord => "CorruptRecord",
+            Self::HandlerFailed => "HandlerFailed",
+        }
+    }
+}
+
+/// A response the layer produces itself. By default it renders as `application/problem+json`
+/// (RFC 9457) with `type`, `title`, `status` and `detail`; replace the rendering with
+/// [`IdempotencyLayer::rejection_with`](crate::IdempotencyLayer::rejection_with).
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    kind: RejectionKind,
+    detail: Cow<'static, str>,
+    retry_after: Option<Duration>,
+}
+
+impl Rejection {
+    pub(crate) fn new(kind: RejectionKind, detail: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    pub(crate) fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> RejectionKind {
+        self.kind
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.kind.status()
+    }
+
+    /// A human-readable explanation of this occurrence.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// When to retry, for `409` and `503`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The `Retry-After` header value: whole seconds, rounded up, at least 1.
+    pub fn retry_after_header(&self) -> Option<HeaderValue> {
+        self.retry_after.map(|d| {
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            HeaderValue::from(secs.max(1))
+        })
+    }
+
+    /// The default problem+json response.
+    pub fn to_response(&self) -> Response<Bytes> {
+        let status = self.status();
+        let mut body = String::with_capacity(200 + self.detail.len());
+        body.push_str("{\"type\":\"");
+        body.push_str(TYPE_BASE);
+        body.push_str(self.kind.type_name());
+        body.push_str("\",\"title\":");
+        push_json_string(&mut body, self.kind.title());
+        body.push_str(",\"status\":");
+        body.push_str(&status.as_u16().to_string());
+        body.push_str(",\"detail\":");
+        push_json_string(&mut body, &self.detail);
+        body.push('}');
+        let mut response = Response::new(Bytes::from(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(value) = self.retry_after_header() {
+            headers.insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.title(), self.detail)
+    }
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table() {
+        let cases = [
+            (RejectionKind::MissingKey, 400),
+            (RejectionKind::InvalidKey(KeyError::Empty), 400),
+            (RejectionKind::BodyUnreadable, 400),
+            (RejectionKind::PayloadTooLarge, 413),
+            (RejectionKind::InFlight, 409),
+            (RejectionKind::KeyReused, 422),
+            (RejectionKind::StoreUnavailable, 503),
+            (RejectionKind::CorruptRecord, 500),
+            (RejectionKind::HandlerFailed, 500),
+        ];
+        for (kind, status) in cases {
+            assert_eq!(kind.status().as_u16(), status, "{kind:?}");
+            let response = Rejection::new(kind, "x").to_response();
+            assert_eq!(response.status().as_u16(), status);
+            assert_eq!(
+                response.headers()[header::CONTENT_TYPE],
+                "application/problem+json"
+            );
+        }
+    }
+
+    #[test]
+    fn body_is_problem_json() {
+        let rejection = Rejection::new(RejectionKind::InFlight, "a \"quoted\"\nline\u{1}")
+            .with_retry_after(Duration::from_millis(2500));
+        let response = rejection.to_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+        let json: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(json["status"], 409);
+        assert_eq!(json["title"], "Request already in progress");
+        assert_eq!(json["detail"], "a \"quoted\"\nline\u{1}");
+        assert!(
+            json["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("#variant.InFlight")
+        );
+    }
+
+    #[test]
+    fn retry_after_is_at_least_one_second() {
+        let r = Rejection::new(RejectionKind::InFlight, "").with_retry_after(Duration::ZERO);
+        assert_eq!(r.retry_after_header().unwrap(), "1");
+        let r =
+            Rejection::new(RejectionKind::InFlight, "").with_retry_after(Duration::from_secs(30));
+        assert_eq!(r.retry_after_header().unwrap(), "30");
+    }
+}

@@ -1,0 +1,566 @@
+//! The service: the request path from key to replay.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{HeaderValue, Method, Request, Response, header, request};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tower_service::Service;
+use tracing::{Instrument, Span};
+
+use crate::fingerprint::Fingerprint;
+use crate::key::{self, IdempotencyKey};
+use crate::layer::Config;
+use crate::record::{CompletedRecord, storable_headers};
+use crate::rejection::{Rejection, RejectionKind};
+use crate::store::{Claim, IdempotencyStore, Lock, StoreError};
+
+/// The header added to every replayed response.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// How long to tell clients to wait when the store is unavailable.
+const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The service produced by [`IdempotencyLayer`](crate::IdempotencyLayer).
+#[derive(Clone)]
+pub struct Idempotency<S, St> {
+    inner: S,
+    store: St,
+    config: Arc<Config>,
+}
+
+impl<S, St> std::fmt::Debug for Idempotency<S, St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St> Idempotency<S, St> {
+    pub(crate) fn new(inner: S, store: St, config: Arc<Config>) -> Self {
+        Self {
+            inner,
+            store,
+            config,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Idempotency`].
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+}
+
+type BoxFuture<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
+
+pin_project_lite::pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E> {
+        // A request the layer does not protect: the inner service's own future, unboxed.
+        Passthrough { #[pin] future: F },
+        // A rejection decided before any I/O.
+        Ready { response: Option<Response<B>> },
+        // The protected path.
+        Protected { future: BoxFuture<B, E> },
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    fn passthrough(future: F) -> Self {
+        Self {
+            kind: Kind::Passthrough { future },
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Passthrough { future } => future.poll(cx),
+            KindProj::Ready { response } => {
+                Poll::Ready(Ok(response.take().expect("polled after completion")))
+            }
+            KindProj::Protected { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+fn is_safe(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// What the request's tracing span records as `outcome`.
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    Acquired,
+    Replayed,
+    InFlight,
+    Mismatch,
+    Rejected,
+    StoreError,
+    FailOpen,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Acquired => "acquired",
+            Self::Replayed => "replayed",
+            Self::InFlight => "in_flight",
+            Self::Mismatch => "mismatch",
+            Self::Rejected => "rejected",
+            Self::StoreError => "store_error",
+            Self::FailOpen => "fail_open",
+        }
+    }
+}
+
+fn record_outcome(outcome: Outcome) {
+    Span::current().record("outcome", outcome.as_str());
+}
+
+impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: IdempotencyStore,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body + From<Bytes> + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // Take the service that was driven to readiness, leave a clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let config = &self.config;
+
+        if config.skip_safe_methods && is_safe(req.method()) {
+            return ResponseFuture::passthrough(inner.call(req));
+        }
+        let (parts, body) = req.into_parts();
+        let key = match key::from_headers(&parts.headers, &config.key_headers) {
+            Ok(Some(key)) => key,
+            Ok(None) if !config.require_key => {
+                return ResponseFuture::passthrough(inner.call(Request::from_parts(parts, body)));
+            }
+            Ok(None) => {
+                let names: Vec<&str> = config.key_headers.iter().map(|n| n.as_str()).collect();
+                let detail = format!("send a unique key in the {} header", names.join(" or "));
+                return self.ready(Rejection::new(RejectionKind::MissingKey, detail));
+            }
+            Err(err) => {
+                return self.ready(Rejection::new(
+                    RejectionKind::InvalidKey(err),
+                    err.to_string(),
+                ));
+            }
+        };
+        if content_length(&parts.headers).is_some_and(|len| len > config.max_request_body as u64) {
+            return self.ready(too_large(config.max_request_body));
+        }
+
+        let span = tracing::info_span!(
+            "idempotency",
+            method = %parts.method,
+            route = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let scoped = scoped_key(&parts, config, &key);
+        let ctx = Ctx {
+            store: self.store.clone(),
+            config: self.config.clone(),
+            scoped,
+        };
+        ResponseFuture {
+            kind: Kind::Protected {
+                future: Box::pin(run(inner, ctx, key, parts, body).instrument(span)),
+            },
+        }
+    }
+}
+
+impl<S, St> Idempotency<S, St> {
+    fn ready<F, B: From<Bytes>, E>(&self, rejection: Rejection) -> ResponseFuture<F, B, E> {
+        record_outcome(Outcome::Rejected);
+        ResponseFuture {
+            kind: Kind::Ready {
+                response: Some(render(&self.config, &rejection)),
+            },
+        }
+    }
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn too_large(limit: usize) -> Rejection {
+    Rejection::new(
+        RejectionKind::PayloadTooLarge,
+        format!("the request body is larger than {limit} bytes"),
+    )
+}
+
+/// Renders a rejection with the configured renderer.
+fn render<B: From<Bytes>>(config: &Config, rejection: &Rejection) -> Response<B> {
+    let response = match &config.rejection {
+        Some(f) => f(rejection),
+        None => rejection.to_response(),
+    };
+    response.map(B::from)
+}
+
+/// The route part of the scope: the matched route where the router provides it, else the path.
+fn route(parts: &request::Parts) -> &str {
+    #[cfg(feature = "axum")]
+    if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
+        return matched.as_str();
+    }
+    parts.uri.path()
+}
+
+/// The key the store sees: 32 hex characters of BLAKE3 over the route, the caller scope and the
+/// idempotency key, each length-prefixed. Fixed-size, so a store key never grows with the input,
+/// and free of the raw key.
+fn scoped_key(parts: &request::Parts, config: &Config, key: &IdempotencyKey) -> String {
+    let route = route(parts);
+    Span::current().record("route", route);
+    let mut hasher = blake3::Hasher::new();
+    let mut field = |bytes: &[u8]| {
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    field(route.as_bytes());
+    match config.scope.as_ref().and_then(|f| f(parts)) {
+        Some(caller) => {
+            field(b"\x01");
+            field(caller.as_bytes());
+        }
+        None => field(b"\x00"),
+    }
+    field(key.as_str().as_bytes());
+    let digest = hasher.finalize();
+    let mut out = String::with_capacity(32);
+    for b in &digest.as_bytes()[..16] {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// What the protected path needs besides the inner service, shared by the handler task and the
+/// lease renewal.
+struct Ctx<St> {
+    store: St,
+    config: Arc<Config>,
+    /// The scoped key the store sees.
+    scoped: String,
+}
+
+impl<St: IdempotencyStore> Ctx<St> {
+    async fn with_timeout<T>(
+        &self,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.config.store_timeout, op).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout),
+        }
+    }
+
+    fn reject<B: From<Bytes>>(&self, rejection: Rejection) -> Response<B> {
+        record_outcome(Outcome::Rejected);
+        render(&self.config, &rejection)
+    }
+
+    /// Renews the lease every third of its length. Never returns; stops renewing (and waits
+    /// forever) once the lease is lost.
+    async fn renew_forever(&self, lock: &Lock) {
+        let lease = self.config.lock_ttl;
+        let period = lease / 3;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            match self
+                .with_timeout(self.store.renew(&self.scoped, lock, lease))
+                .await
+            {
+                Ok(true) => tracing::trace!("lease renewed"),
+                Ok(false) => {
+                    tracing::warn!(
+                        "lease lost while the handler runs: another attempt may run this key; \
+                         this attempt's response will not be stored"
+                    );
+                    std::future::pending::<()>().await;
+                }
+                Err(err) => tracing::warn!(error = %err, "lease renewal failed; will retry"),
+            }
+        }
+    }
+
+    async fn complete(&self, lock: &Lock, parts: &http::response::Parts, body: &Bytes) {
+        let omitted = body.len() > self.config.max_response_body;
+        let mut headers = storable_headers(&parts.headers, &self.config.excluded_headers);
+        if omitted {
+            headers.remove(header::CONTENT_LENGTH);
+            tracing::warn!(
+                size = body.len(),
+                limit = self.config.max_response_body,
+                "response larger than the limit: stored without its body"
+            );
+        }
+        let record = CompletedRecord::new(
+            *lock.fingerprint(),
+            parts.status,
+            headers,
+            if omitted { Bytes::new() } else { body.clone() },
+            omitted,
+        );
+        let ttl = self.config.record_ttl;
+        match self
+            .with_timeout(self.store.complete(&self.scoped, lock, &record, ttl))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "lease lost before the response could be stored; the response was not stored"
+            ),
+            Err(err) => tracing::error!(
+                error = %err,
+                "could not store the response; the key stays locked until its lease lapses"
+            ),
+        }
+    }
+
+    async fn release(&self, lock: &Lock) {
+        if let Err(err) = self
+            .with_timeout(self.store.release(&self.scoped, lock))
+            .await
+        {
+            tracing::error!(
+                error = %err,
+                "could not release the key; it stays locked until its lease lapses"
+            );
+        }
+    }
+}
+
+/// The protected path: buffer and fingerprint the body, claim, then run, replay or refuse.
+async fn run<S, St, ReqBody, ResBody>(
+    mut inner: S,
+    ctx: Ctx<St>,
+    key: IdempotencyKey,
+    mut parts: request::Parts,
+    body: ReqBody,
+) -> Result<Response<ResBody>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: IdempotencyStore,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body + From<Bytes> + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Into<BoxError>,
+{
+    let started = Instant::now();
+    let limit = ctx.config.max_request_body;
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<LengthLimitError>() => return Ok(ctx.reject(too_large(limit))),
+        Err(err) => {
+            let detail = format!("the request body could not be read: {err}");
+            return Ok(ctx.reject(Rejection::new(RejectionKind::BodyUnreadable, detail)));
+        }
+    };
+    let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
+    let lock = Lock::new(fingerprint);
+
+    let lease = ctx.config.lock_ttl;
+    let claim = ctx
+        .with_timeout(ctx.store.claim(&ctx.scoped, &lock, lease))
+        .await;
+    tracing::debug!(claim_ms = started.elapsed().as_secs_f64() * 1e3, "claimed");
+    match claim {
+        Ok(Claim::Acquired) => {
+            record_outcome(Outcome::Acquired);
+            parts.extensions.insert(key);
+            let req = Request::from_parts(parts, ReqBody::from(body));
+            // The handler runs in a task of its own, so a client that goes away cannot cancel it
+            // halfway: the claim is always completed or released.
+            let task = tokio::spawn(own(inner, ctx, req, lock).in_current_span());
+            match task.await {
+                Ok(result) => result,
+                // `own` catches the handler's panics; the task itself only fails if the runtime
+                // is shutting down, and then nobody is waiting for this response.
+                Err(err) => std::panic::resume_unwind(err.into_panic()),
+            }
+        }
+        Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {
+            record_outcome(Outcome::Replayed);
+            Ok(replay(record))
+        }
+        Ok(Claim::InFlight {
+            fingerprint: holder,
+            retry_after,
+        }) if holder == fingerprint => {
+            record_outcome(Outcome::InFlight);
+            let detail = "a request with this idempotency key is still being processed; \
+                          retry after the time given in Retry-After";
+            let rejection =
+                Rejection::new(RejectionKind::InFlight, detail).with_retry_after(retry_after);
+            Ok(render(&ctx.config, &rejection))
+        }
+        Ok(Claim::Completed(_) | Claim::InFlight { .. }) => {
+            record_outcome(Outcome::Mismatch);
+            let detail = "this idempotency key was already used for a different request \
+                          (method, path or body differ); use a new key for a new request";
+            let rejection = Rejection::new(RejectionKind::KeyReused, detail);
+            Ok(render(&ctx.config, &rejection))
+        }
+        Err(StoreError::Corrupt(err)) => {
+            tracing::error!(error = %err, "unreadable idempotency record; handler not run");
+            let detail = "the stored response for this idempotency key is unreadable; \
+                          the request was not processed";
+            let rejection = Rejection::new(RejectionKind::CorruptRecord, detail);
+            record_outcome(Outcome::StoreError);
+            Ok(render(&ctx.config, &rejection))
+        }
+        Err(err) if ctx.config.fail_open => {
+            record_outcome(Outcome::FailOpen);
+            tracing::warn!(error = %err, "idempotency store unavailable; running the handler unprotected (fail-open)");
+            parts.extensions.insert(key);
+            inner
+                .call(Request::from_parts(parts, ReqBody::from(body)))
+                .await
+        }
+        Err(err) => {
+            record_outcome(Outcome::StoreError);
+            tracing::error!(error = %err, "idempotency store unavailable; request refused");
+            let detail = "the idempotency store is unavailable, so the request could not be \
+                          processed safely; it was not processed";
+            let rejection = Rejection::new(RejectionKind::StoreUnavailable, detail)
+                .with_retry_after(STORE_RETRY_AFTER);
+            Ok(render(&ctx.config, &rejection))
+        }
+    }
+}
+
+/// Runs the handler that owns the claim, renewing the lease meanwhile, then completes or
+/// releases the claim.
+async fn own<S, St, ReqBody, ResBody>(
+    mut inner: S,
+    ctx: Ctx<St>,
+    req: Request<ReqBody>,
+    lock: Lock,
+) -> Result<Response<ResBody>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: IdempotencyStore,
+    ReqBody: Send + 'static,
+    ResBody: Body + From<Bytes> + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Into<BoxError>,
+{
+    let started = Instant::now();
+    let handler = AssertUnwindSafe(async move {
+        let response = inner.call(req).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(Into::<BoxError>::into);
+        Ok::<_, S::Error>((parts, body))
+    })
+    .catch_unwind();
+    let outcome = {
+        let renewal = ctx.renew_forever(&lock);
+        tokio::pin!(handler, renewal);
+        tokio::select! {
+            outcome = &mut handler => outcome,
+            () = &mut renewal => unreachable!("renewal never ends"),
+        }
+    };
+    tracing::debug!(
+        handler_ms = started.elapsed().as_secs_f64() * 1e3,
+        "handler finished"
+    );
+    let failed = "the request handler failed; the request may be retried";
+    match outcome {
+        Err(_panic) => {
+            tracing::error!("handler panicked; claim released");
+            ctx.release(&lock).await;
+            Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
+        }
+        Ok(Err(err)) => {
+            ctx.release(&lock).await;
+            Err(err)
+        }
+        Ok(Ok((parts, Err(err)))) => {
+            tracing::error!(status = %parts.status, error = %err, "response body failed; claim released");
+            ctx.release(&lock).await;
+            Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
+        }
+        Ok(Ok((parts, Ok(collected)))) => {
+            let body = collected.to_bytes();
+            if (ctx.config.store_response)(&parts) {
+                ctx.complete(&lock, &parts, &body).await;
+            } else {
+                ctx.release(&lock).await;
+            }
+            Ok(Response::from_parts(parts, ResBody::from(body)))
+        }
+    }
+}
+
+fn replay<B: From<Bytes>>(record: CompletedRecord) -> Response<B> {
+    let mut response = Response::new(B::from(record.body));
+    *response.status_mut() = record.status;
+    *response.headers_mut() = record.headers;
+    response
+        .headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    response
+}

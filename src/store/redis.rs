@@ -1,0 +1,278 @@
+//! The Redis store.
+
+use std::sync::Arc;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
+
+use super::{Claim, IdempotencyStore, Lock, StoreError};
+use crate::record::{CompletedRecord, RunningRecord, Stored};
+
+/// A Lua script and its SHA-1, computed once.
+struct Lua {
+    source: &'static str,
+    script: LazyLock<Script>,
+}
+
+macro_rules! lua {
+    ($file:literal) => {
+        Lua {
+            source: include_str!($file),
+            script: LazyLock::new(|| Script::new(include_str!($file))),
+        }
+    };
+}
+
+static REPLACE: Lua = lua!("lua/replace.lua");
+static RELEASE: Lua = lua!("lua/release.lua");
+static CLAIM: Lua = lua!("lua/claim.lua");
+
+/// The key prefix used unless [`RedisStore::key_prefix`] sets another.
+pub const DEFAULT_KEY_PREFIX: &str = "idempotency:";
+
+/// An [`IdempotencyStore`] on Redis (or any server speaking its protocol, such as Valkey).
+///
+/// # Layout
+///
+/// Each scoped key is **one** Redis string, `<prefix><digest>`, where the digest (32 hex
+/// characters) is derived by the layer from the scope and the idempotency key. The value is the
+/// binary record (see [`CompletedRecord`]); its TTL is the lease while running and the record TTL
+/// once completed. No operation touches more than one key, so the layout works unchanged on
+/// Redis Cluster; every entry hashes to its own slot.
+///
+/// # Commands
+///
+/// | operation | command | round trips |
+/// |---|---|---|
+/// | claim | `SET key <running> NX PX <lease> GET` (native, Redis ≥ 7.0) | 1 |
+/// | renew, complete | `EVALSHA replace.lua` (owner check + `SET .. PX`) | 1 |
+/// | release | `EVALSHA release.lua` (owner check + `DEL`) | 1 |
+///
+/// The claim needs no script: `SET .. NX GET` either writes the running record or returns the
+/// value already there, and the layer decides from it. A native command costs Redis a fraction of
+/// a script's CPU. On servers older than 7.0, which reject `NX` with `GET`, the store switches by
+/// itself to an equivalent script (`claim.lua`) the first time the server refuses the command.
+///
+/// A first delivery therefore costs two round trips (claim, complete), a replay or a conflict one.
+///
+/// # Connection
+///
+/// [`RedisStore::new`] uses a [`ConnectionManager`], which multiplexes requests over one
+/// connection and reconnects by itself after Redis restarts. Any other
+/// [`ConnectionLike`] connection that is `Clone` works through [`RedisStore::from_connection`].
+#[derive(Clone)]
+pub struct RedisStore<C = ConnectionManager> {
+    conn: C,
+    prefix: Arc<str>,
+    claim_script: Arc<AtomicBool>,
+}
+
+impl<C> std::fmt::Debug for RedisStore<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("claim_script", &self.claim_script.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore<ConnectionManager> {
+    /// Connects to Redis through a [`ConnectionManager`] and returns the store.
+    ///
+    /// The manager's connection and response timeouts are set to 2 seconds, so a request never
+    /// waits longer than that for a dead server, and it retries reconnecting in the background.
+    /// The layer's own store timeout bounds every operation as well.
+    ///
+    /// Fails if the first connection cannot be made.
+    pub async fn new(client: redis::Client) -> Result<Self, StoreError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(Self::from_connection(conn))
+    }
+}
+
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// A store over an existing connection.
+    pub fn from_connection(conn: C) -> Self {
+        Self {
+            conn,
+            prefix: DEFAULT_KEY_PREFIX.into(),
+            claim_script: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Sets the prefix of every Redis key this store writes, to share a server between
+    /// applications or environments.
+    ///
+    /// Defaults to `"idempotency:"`.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into().into();
+        self
+    }
+
+    /// Claims with `claim.lua` instead of the native `SET .. NX GET`, for servers (or proxies)
+    /// that do not support it. Not needed for Redis < 7.0, which is detected by itself.
+    ///
+    /// Defaults to `false`.
+    pub fn claim_with_script(self, enabled: bool) -> Self {
+        self.claim_script.store(enabled, Ordering::Relaxed);
+        self
+    }
+
+    /// The Redis key holding the entry for the layer's scoped `key`.
+    pub fn redis_key(&self, key: &str) -> String {
+        let mut out = String::with_capacity(self.prefix.len() + key.len());
+        out.push_str(&self.prefix);
+        out.push_str(key);
+        out
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RedisError> {
+        cmd.query_async(&mut self.conn.clone()).await
+    }
+
+    /// Runs a script by its hash, sending its source once if the server does not have it.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        lua: &Lua,
+        key: &str,
+        args: &[&[u8]],
+    ) -> Result<T, RedisError> {
+        let build = |verb: &str, body: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(body).arg(1).arg(key);
+            for arg in args {
+                cmd.arg(*arg);
+            }
+            cmd
+        };
+        match self.query(&build("EVALSHA", lua.script.get_hash())).await {
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                // EVAL runs the script and caches it, so the next EVALSHA finds it.
+                self.query(&build("EVAL", lua.source)).await
+            }
+            other => other,
+        }
+    }
+
+    async fn claim_value(
+        &self,
+        key: &str,
+        running: &[u8],
+        lease_ms: u64,
+    ) -> Result<Option<Bytes>, RedisError> {
+        if !self.claim_script.load(Ordering::Relaxed) {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key)
+                .arg(running)
+                .arg("NX")
+                .arg("PX")
+                .arg(lease_ms)
+                .arg("GET");
+            match self.query(&cmd).await {
+                // Redis < 7.0 answers "ERR syntax error" to NX with GET.
+                Err(err) if err.code() == Some("ERR") && err.to_string().contains("syntax") => {
+                    tracing::info!(
+                        "Redis does not support SET .. NX GET (server older than 7.0); \
+                         claiming with a script from now on"
+                    );
+                    self.claim_script.store(true, Ordering::Relaxed);
+                }
+                other => return other,
+            }
+        }
+        self.eval(&CLAIM, key, &[running, lease_ms.to_string().as_bytes()])
+            .await
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn millis(d: Duration) -> u64 {
+    // Redis rejects a PX of 0; a zero duration means "expire at once", i.e. 1 ms.
+    (d.as_millis() as u64).max(1)
+}
+
+fn running_record(lock: &Lock, lease: Duration) -> [u8; RunningRecord::LEN] {
+    RunningRecord {
+        owner: *lock.owner(),
+        fingerprint: *lock.fingerprint(),
+        deadline_ms: now_ms().saturating_add(millis(lease)),
+    }
+    .encode()
+}
+
+impl<C> IdempotencyStore for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    async fn claim(&self, key: &str, lock: &Lock, lease: Duration) -> Result<Claim, StoreError> {
+        let key = self.redis_key(key);
+        let running = running_record(lock, lease);
+        let existing = self
+            .claim_value(&key, &running, millis(lease))
+            .await
+            .map_err(StoreError::backend)?;
+        let Some(existing) = existing else {
+            return Ok(Claim::Acquired);
+        };
+        match Stored::decode(existing)? {
+            Stored::Running(r) => Ok(Claim::InFlight {
+                fingerprint: r.fingerprint,
+                retry_after: Duration::from_millis(r.deadline_ms.saturating_sub(now_ms())),
+            }),
+            Stored::Completed(record) => Ok(Claim::Completed(record)),
+        }
+    }
+
+    async fn renew(&self, key: &str, lock: &Lock, lease: Duration) -> Result<bool, StoreError> {
+        let key = self.redis_key(key);
+        let prefix = RunningRecord::owner_prefix(lock.owner());
+        let running = running_record(lock, lease);
+        let ttl = millis(lease).to_string();
+        self.eval(&REPLACE, &key, &[&prefix, &running, ttl.as_bytes()])
+            .await
+            .map_err(StoreError::backend)
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        lock: &Lock,
+        record: &CompletedRecord,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let key = self.redis_key(key);
+        let prefix = RunningRecord::owner_prefix(lock.owner());
+        let value = record.encode();
+        let ttl = millis(ttl).to_string();
+        self.eval(&REPLACE, &key, &[&prefix, &value, ttl.as_bytes()])
+            .await
+            .map_err(StoreError::backend)
+    }
+
+    async fn release(&self, key: &str, lock: &Lock) -> Result<bool, StoreError> {
+        let key = self.redis_key(key);
+        let prefix = RunningRecord::owner_prefix(lock.owner());
+        self.eval(&RELEASE, &key, &[&prefix])
+            .await
+            .map_err(StoreError::backend)
+    }
+}
