@@ -134,8 +134,8 @@ impl TestRedis {
         redis::Client::open(self.url.as_str()).expect("valid url")
     }
 
-    /// Number of keys under `prefix` (SCAN, never KEYS: the server may be shared).
-    pub fn count_keys(&self, prefix: &str) -> usize {
+    /// The keys under `prefix` (SCAN, never KEYS: the server may be shared).
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
         let mut conn = self.client().get_connection().expect("connect");
         let iter: redis::Iter<'_, String> = redis::cmd("SCAN")
             .cursor_arg(0)
@@ -146,7 +146,12 @@ impl TestRedis {
             .clone()
             .iter(&mut conn)
             .expect("scan");
-        iter.count()
+        iter.collect::<Result<_, _>>().expect("scan")
+    }
+
+    /// Number of keys under `prefix`.
+    pub fn count_keys(&self, prefix: &str) -> usize {
+        self.keys(prefix).len()
     }
 }
 
