@@ -89,10 +89,10 @@ fn wait_until_up(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let client = redis::Client::open(url).expect("valid url");
     loop {
-        if let Ok(mut conn) = client.get_connection() {
-            if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                return;
-            }
+        if let Ok(mut conn) = client.get_connection()
+            && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+        {
+            return;
         }
         assert!(
             Instant::now() < deadline,
