@@ -1,7 +1,100 @@
 //! Idempotency keys for Axum and Tower: run a non-idempotent handler (a payment, a webhook
-//! receiver) exactly once per key, and replay its response to every retry.
+//! receiver) **once per key**, and replay its response to every retry.
 //!
-//! TODO: crate docs.
+//! Webhooks and API calls are delivered at least once. A sender whose request timed out sends it
+//! again with the same key; without protection an `ORDER_PAID` webhook decrements stock twice.
+//! [`IdempotencyLayer`] sits in front of a route and makes the retry harmless:
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//!
+//! async fn order_paid(body: String) -> &'static str {
+//!     // Decrement stock, charge a card: runs once per Idempotency-Key.
+//!     "ok"
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/webhooks/order-paid", post(order_paid))
+//!     .route_layer(IdempotencyLayer::new(MemoryStore::new()));
+//! ```
+//!
+//! In production, share the entries between instances with Redis:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use tower_idempotency::{IdempotencyLayer, RedisStore};
+//!
+//! let store = RedisStore::new(redis::Client::open("redis://127.0.0.1:6379/")?).await?;
+//! let layer = IdempotencyLayer::new(store).record_ttl(Duration::from_secs(72 * 3600));
+//! # let _ = layer; Ok(()) }
+//! ```
+//!
+//! # Behaviour
+//!
+//! | request | answer |
+//! |---|---|
+//! | safe method (`GET`, `HEAD`, `OPTIONS`, `TRACE`) | passed through untouched |
+//! | no key | `400` (or passed through with [`require_key(false)`](IdempotencyLayer::require_key)) |
+//! | malformed key, header repeated, two key headers disagree | `400` |
+//! | body over [`max_request_body`](IdempotencyLayer::max_request_body) | `413` |
+//! | first request with a key | handler runs once; response stored if status < 500 |
+//! | same key, same request, completed | stored status, headers and body, plus `Idempotent-Replayed: true` |
+//! | same key, same request, still running | `409` with `Retry-After` (remaining lease) |
+//! | same key, different method, path, query or body | `422` |
+//! | store unreachable or slower than [`store_timeout`](IdempotencyLayer::store_timeout) | `503` with `Retry-After` (or run unprotected with [`fail_open`](IdempotencyLayer::fail_open)) |
+//! | stored record unreadable | `500`, handler not run |
+//! | handler panics | `500`, key released so a retry runs again |
+//! | handler answers 5xx | answer passed on, key released so a retry runs again |
+//!
+//! Every answer the layer makes itself is `application/problem+json` (RFC 9457); see
+//! [`Rejection`] and [`IdempotencyLayer::rejection_with`].
+//!
+//! The key is read from `Idempotency-Key`, else `X-Idempotency-Key`
+//! ([configurable](IdempotencyLayer::key_headers)), bare (`abc`) or as an RFC 8941 string
+//! (`"abc"`): 1 to 255 characters of visible ASCII. Keys are scoped by route (the matched route
+//! with [`Router::route_layer`](https://docs.rs/axum/latest/axum/struct.Router.html#method.route_layer),
+//! else the path) and optionally by caller ([`scope_with`](IdempotencyLayer::scope_with)).
+//!
+//! # How it works
+//!
+//! The first request claims its key in the store in one atomic step, recording a random owner
+//! token and the request fingerprint, with a short lease ([`lock_ttl`](IdempotencyLayer::lock_ttl),
+//! 30 s). While the handler runs, the owner renews the lease every third of it, so a slow handler
+//! is never run twice and an instance that crashed frees the key once its lease lapses. The
+//! handler runs in a task of its own: a client that disconnects does not cancel it halfway.
+//! When it answers, the response is stored under the key for
+//! [`record_ttl`](IdempotencyLayer::record_ttl) (24 h) — only if the claim is still the owner's
+//! (fencing), so an attempt that lost its lease never overwrites another's record.
+//!
+//! A first delivery costs two store round trips (claim, complete), a replay or a conflict one.
+//!
+//! # What it guarantees, and what it cannot
+//!
+//! - While a key is claimed or its record lives, no other request with that key runs the
+//!   handler, across every instance sharing the store; every stored response is replayed byte
+//!   for byte.
+//! - The layer cannot make a side effect and the stored response one atomic step. If the process
+//!   dies after the side effect and before the response is stored, the lease lapses and a retry
+//!   runs the handler again. For side effects in your own database, write the
+//!   [`IdempotencyKey`] (the handler can extract it) in the same transaction and check it there;
+//!   for calls to another API, forward the key so that API deduplicates too.
+//! - Redis replication is asynchronous: a failover that loses an unreplicated write can lose a
+//!   claim or a record, and a retry then runs again.
+//! - [`fail_open`](IdempotencyLayer::fail_open) trades all of this for availability while the
+//!   store is down.
+//!
+//! # Feature flags
+//!
+//! - `redis` (default): [`RedisStore`].
+//! - `axum` (default): the [`IdempotencyKey`] extractor and scoping by axum's matched route.
+//!
+//! # Tracing
+//!
+//! Each protected request gets an `idempotency` span with `method`, `route` and `outcome`
+//! (`acquired`, `replayed`, `in_flight`, `mismatch`, `rejected`, `store_error`, `fail_open`), and
+//! debug events with the store and handler timings. Keys and bodies are never logged.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -171,6 +171,12 @@ where
             return ResponseFuture::passthrough(inner.call(req));
         }
         let (parts, body) = req.into_parts();
+        let span = tracing::info_span!(
+            "idempotency",
+            method = %parts.method,
+            route = route(&parts),
+            outcome = tracing::field::Empty,
+        );
         let key = match key::from_headers(&parts.headers, &config.key_headers) {
             Ok(Some(key)) => key,
             Ok(None) if !config.require_key => {
@@ -179,25 +185,16 @@ where
             Ok(None) => {
                 let names: Vec<&str> = config.key_headers.iter().map(|n| n.as_str()).collect();
                 let detail = format!("send a unique key in the {} header", names.join(" or "));
-                return self.ready(Rejection::new(RejectionKind::MissingKey, detail));
+                return self.ready(&span, Rejection::new(RejectionKind::MissingKey, detail));
             }
             Err(err) => {
-                return self.ready(Rejection::new(
-                    RejectionKind::InvalidKey(err),
-                    err.to_string(),
-                ));
+                let rejection = Rejection::new(RejectionKind::InvalidKey(err), err.to_string());
+                return self.ready(&span, rejection);
             }
         };
         if content_length(&parts.headers).is_some_and(|len| len > config.max_request_body as u64) {
-            return self.ready(too_large(config.max_request_body));
+            return self.ready(&span, too_large(config.max_request_body));
         }
-
-        let span = tracing::info_span!(
-            "idempotency",
-            method = %parts.method,
-            route = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-        );
         let scoped = scoped_key(&parts, config, &key);
         let ctx = Ctx {
             store: self.store.clone(),
@@ -213,8 +210,13 @@ where
 }
 
 impl<S, St> Idempotency<S, St> {
-    fn ready<F, B: From<Bytes>, E>(&self, rejection: Rejection) -> ResponseFuture<F, B, E> {
-        record_outcome(Outcome::Rejected);
+    fn ready<F, B: From<Bytes>, E>(
+        &self,
+        span: &Span,
+        rejection: Rejection,
+    ) -> ResponseFuture<F, B, E> {
+        span.record("outcome", Outcome::Rejected.as_str());
+        span.in_scope(|| tracing::debug!(status = %rejection.status(), %rejection, "rejected"));
         ResponseFuture {
             kind: Kind::Ready {
                 response: Some(render(&self.config, &rejection)),
@@ -262,7 +264,6 @@ fn route(parts: &request::Parts) -> &str {
 /// and free of the raw key.
 fn scoped_key(parts: &request::Parts, config: &Config, key: &IdempotencyKey) -> String {
     let route = route(parts);
-    Span::current().record("route", route);
     let mut hasher = blake3::Hasher::new();
     let mut field = |bytes: &[u8]| {
         hasher.update(&(bytes.len() as u64).to_le_bytes());
@@ -310,6 +311,7 @@ impl<St: IdempotencyStore> Ctx<St> {
 
     fn reject<B: From<Bytes>>(&self, rejection: Rejection) -> Response<B> {
         record_outcome(Outcome::Rejected);
+        tracing::debug!(status = %rejection.status(), %rejection, "rejected");
         render(&self.config, &rejection)
     }
 
