@@ -6,10 +6,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, Response, StatusCode, header, request, response};
+use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
 use crate::rejection::Rejection;
 use crate::service::Idempotency;
+
+const DEFAULT_MAX_WAITERS: usize = 1024;
 
 type ScopeFn = dyn Fn(&request::Parts) -> Option<String> + Send + Sync;
 type StorePredicate = dyn Fn(&response::Parts) -> bool + Send + Sync;
@@ -31,6 +34,8 @@ pub(crate) struct Config {
     pub(crate) store_response: Arc<StorePredicate>,
     pub(crate) scope: Option<Arc<ScopeFn>>,
     pub(crate) rejection: Option<Arc<RejectionFn>>,
+    pub(crate) wait_in_flight: Duration,
+    pub(crate) waiters: Arc<Semaphore>,
 }
 
 impl Default for Config {
@@ -52,6 +57,8 @@ impl Default for Config {
             store_response: Arc::new(|parts| parts.status < StatusCode::INTERNAL_SERVER_ERROR),
             scope: None,
             rejection: None,
+            wait_in_flight: Duration::ZERO,
+            waiters: Arc::new(Semaphore::new(DEFAULT_MAX_WAITERS)),
         }
     }
 }
@@ -71,6 +78,7 @@ impl fmt::Debug for Config {
             .field("excluded_headers", &self.excluded_headers)
             .field("scope", &self.scope.is_some())
             .field("rejection", &self.rejection.is_some())
+            .field("wait_in_flight", &self.wait_in_flight)
             .finish_non_exhaustive()
     }
 }
@@ -238,6 +246,29 @@ impl<St> IdempotencyLayer<St> {
         F: Fn(&request::Parts) -> Option<String> + Send + Sync + 'static,
     {
         self.config().scope = Some(Arc::new(f));
+        self
+    }
+
+    /// Makes a duplicate that arrives while the original is still running wait up to `max` for
+    /// the original to finish, and then replay its response, instead of answering `409` at once.
+    /// If the original releases the key (it failed), the waiting duplicate runs the handler
+    /// itself. After `max`, the answer is `409` with `Retry-After` as usual.
+    ///
+    /// Waiting polls the store with exponential back-off (20 ms doubling to 500 ms): a few round
+    /// trips per waiting request. Keep `max` below your clients' (or webhook senders') timeout.
+    ///
+    /// Defaults to zero: no waiting.
+    pub fn wait_for_in_flight(mut self, max: Duration) -> Self {
+        self.config().wait_in_flight = max;
+        self
+    }
+
+    /// Sets how many requests may wait for in-flight duplicates at once, per layer; a duplicate
+    /// beyond this answers `409` at once. Bounds the memory and store load of a duplicate storm.
+    ///
+    /// Defaults to 1024.
+    pub fn max_waiters(mut self, max: usize) -> Self {
+        self.config().waiters = Arc::new(Semaphore::new(max));
         self
     }
 

@@ -309,6 +309,43 @@ impl<St: IdempotencyStore> Ctx<St> {
         }
     }
 
+    async fn claim(&self, lock: &Lock) -> Result<Claim, StoreError> {
+        let lease = self.config.lock_ttl;
+        self.with_timeout(self.store.claim(&self.scoped, lock, lease))
+            .await
+    }
+
+    /// Waits (bounded in time and in concurrent waiters) for the request holding the key to
+    /// finish, polling the store with exponential back-off. Returns the last claim result: the
+    /// completed record to replay, `Acquired` if the holder released the key (its handler
+    /// failed) and this request now owns it, or still `InFlight` when the wait ran out.
+    async fn wait_in_flight(
+        &self,
+        lock: &Lock,
+        first: Result<Claim, StoreError>,
+    ) -> Result<Claim, StoreError> {
+        let Ok(_permit) = self.config.waiters.try_acquire() else {
+            tracing::debug!("too many requests waiting; not waiting");
+            return first;
+        };
+        let deadline = tokio::time::Instant::now() + self.config.wait_in_flight;
+        let mut delay = Duration::from_millis(20);
+        let mut claim = first;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return claim;
+            }
+            tokio::time::sleep(delay.min(deadline - now)).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+            claim = self.claim(lock).await;
+            if !matches!(claim, Ok(Claim::InFlight { fingerprint, .. }) if fingerprint == *lock.fingerprint())
+            {
+                return claim;
+            }
+        }
+    }
+
     fn reject<B: From<Bytes>>(&self, rejection: Rejection) -> Response<B> {
         record_outcome(Outcome::Rejected);
         tracing::debug!(status = %rejection.status(), %rejection, "rejected");
@@ -421,11 +458,13 @@ where
     let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
     let lock = Lock::new(fingerprint);
 
-    let lease = ctx.config.lock_ttl;
-    let claim = ctx
-        .with_timeout(ctx.store.claim(&ctx.scoped, &lock, lease))
-        .await;
+    let mut claim = ctx.claim(&lock).await;
     tracing::debug!(claim_ms = started.elapsed().as_secs_f64() * 1e3, "claimed");
+    if matches!(&claim, Ok(Claim::InFlight { fingerprint: holder, .. }) if *holder == fingerprint)
+        && !ctx.config.wait_in_flight.is_zero()
+    {
+        claim = ctx.wait_in_flight(&lock, claim).await;
+    }
     match claim {
         Ok(Claim::Acquired) => {
             record_outcome(Outcome::Acquired);

@@ -97,6 +97,10 @@ both_stores!(
     set_cookie_and_hop_by_hop_headers_are_not_replayed,
     client_disconnect_does_not_cancel_or_rerun,
     handler_receives_the_key,
+    wait_mode_replays_the_original_when_it_finishes,
+    wait_mode_falls_back_to_409_after_its_bound,
+    wait_mode_runs_the_handler_when_the_original_fails,
+    wait_mode_bounds_concurrent_waiters,
 );
 
 /// Handlers that count their executions.
@@ -736,4 +740,113 @@ async fn handler_receives_the_key<St: IdempotencyStore>(b: Backend<St>) {
     let app = app(IdempotencyLayer::new(b.store), &counters);
     let reply = send(&app, post_req("/whoami", Some("\"quoted-key\""), "")).await;
     assert_eq!(reply.text(), "key=quoted-key");
+}
+
+fn slow_req(key: &str, sleep_ms: u64, status: u16) -> Request<Body> {
+    Request::post("/echo")
+        .header("idempotency-key", key)
+        .header("x-sleep-ms", sleep_ms.to_string())
+        .header("x-status", status.to_string())
+        .body(Body::from("w"))
+        .unwrap()
+}
+
+async fn wait_mode_replays_the_original_when_it_finishes<St: IdempotencyStore>(b: Backend<St>) {
+    let counters = Counters::default();
+    let layer = IdempotencyLayer::new(b.store).wait_for_in_flight(Duration::from_secs(5));
+    let app = app(layer, &counters);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, slow_req("wait", 600, 201)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let started = std::time::Instant::now();
+    let duplicate = send(&app, slow_req("wait", 600, 201)).await;
+    let waited = started.elapsed();
+    let first = first.await.unwrap();
+    assert_eq!(
+        duplicate.status,
+        StatusCode::CREATED,
+        "{}",
+        duplicate.text()
+    );
+    assert!(duplicate.replayed());
+    assert_eq!(duplicate.body, first.body);
+    assert!(
+        waited >= Duration::from_millis(300),
+        "waited only {waited:?}"
+    );
+    assert_eq!(counters.runs(), 1);
+}
+
+async fn wait_mode_falls_back_to_409_after_its_bound<St: IdempotencyStore>(b: Backend<St>) {
+    let counters = Counters::default();
+    let layer = IdempotencyLayer::new(b.store).wait_for_in_flight(Duration::from_millis(300));
+    let app = app(layer, &counters);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, slow_req("bounded", 1500, 201)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let duplicate = send(&app, slow_req("bounded", 1500, 201)).await;
+    let waited = started.elapsed();
+    assert_eq!(duplicate.status, StatusCode::CONFLICT);
+    assert!(duplicate.headers.contains_key(header::RETRY_AFTER));
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_millis(1200),
+        "waited {waited:?}"
+    );
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(counters.runs(), 1);
+}
+
+async fn wait_mode_runs_the_handler_when_the_original_fails<St: IdempotencyStore>(b: Backend<St>) {
+    let counters = Counters::default();
+    let layer = IdempotencyLayer::new(b.store).wait_for_in_flight(Duration::from_secs(5));
+    let app = app(layer, &counters);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, slow_req("retry-me", 400, 503)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The duplicate waits; the original answers 503 and releases the key; the duplicate then
+    // owns the key and runs the handler (which now succeeds).
+    let duplicate = send(&app, slow_req("retry-me", 0, 201)).await;
+    assert_eq!(first.await.unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        duplicate.status,
+        StatusCode::CREATED,
+        "{}",
+        duplicate.text()
+    );
+    assert!(!duplicate.replayed());
+    assert_eq!(counters.runs(), 2);
+}
+
+async fn wait_mode_bounds_concurrent_waiters<St: IdempotencyStore>(b: Backend<St>) {
+    let counters = Counters::default();
+    let layer = IdempotencyLayer::new(b.store)
+        .wait_for_in_flight(Duration::from_secs(5))
+        .max_waiters(1);
+    let app = app(layer, &counters);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, slow_req("crowd", 800, 201)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, slow_req("crowd", 800, 201)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The only waiting slot is taken: this one is answered at once.
+    let started = std::time::Instant::now();
+    let turned_away = send(&app, slow_req("crowd", 800, 201)).await;
+    assert_eq!(turned_away.status, StatusCode::CONFLICT);
+    assert!(started.elapsed() < Duration::from_millis(300));
+    let waiter = waiter.await.unwrap();
+    assert!(waiter.replayed(), "{}", waiter.text());
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(counters.runs(), 1);
 }
