@@ -65,6 +65,14 @@ impl std::error::Error for MissingKeyExtension {}
 
 impl IntoResponse for MissingKeyExtension {
     fn into_response(self) -> Response {
-        (http::StatusCode::INTERNAL_SERVER_ERROR, self.to_string()).into_response()
+        let body = format!(
+            "{{\"type\":\"about:blank\",\"title\":\"Internal Server Error\",\"status\":500,\"detail\":\"{self}\"}}"
+        );
+        (
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            [(http::header::CONTENT_TYPE, "application/problem+json")],
+            body,
+        )
+            .into_response()
     }
 }

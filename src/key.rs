@@ -113,6 +113,10 @@ pub enum KeyError {
     Repeated,
     /// Two of the configured key headers carry different keys.
     Conflicting,
+    /// The key is read from the JSON body, and the body is not JSON.
+    BodyNotJson,
+    /// The JSON field holding the key is neither a string nor an integer.
+    NotAString,
 }
 
 impl fmt::Display for KeyError {
@@ -130,6 +134,8 @@ impl fmt::Display for KeyError {
             }
             Self::Repeated => "the idempotency key header is sent more than once",
             Self::Conflicting => "two idempotency key headers carry different keys",
+            Self::BodyNotJson => "the request body is not JSON, so it carries no idempotency key",
+            Self::NotAString => "the idempotency key field is neither a string nor an integer",
         })
     }
 }

@@ -11,8 +11,13 @@ use tower_layer::Layer;
 
 use crate::rejection::Rejection;
 use crate::service::Idempotency;
+use crate::source::KeySource;
 
 const DEFAULT_MAX_WAITERS: usize = 1024;
+
+/// The longest TTL the setters accept (100 years); longer values are clamped to it, so that no
+/// deadline computation overflows and Redis accepts every `PX`.
+pub(crate) const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 type ScopeFn = dyn Fn(&request::Parts) -> Option<String> + Send + Sync;
 type StorePredicate = dyn Fn(&response::Parts) -> bool + Send + Sync;
@@ -21,7 +26,8 @@ type RejectionFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 /// Settings shared by every clone of the service.
 #[derive(Clone)]
 pub(crate) struct Config {
-    pub(crate) key_headers: Vec<HeaderName>,
+    pub(crate) key_source: KeySource,
+    pub(crate) namespace: Option<Arc<str>>,
     pub(crate) require_key: bool,
     pub(crate) skip_safe_methods: bool,
     pub(crate) lock_ttl: Duration,
@@ -35,16 +41,15 @@ pub(crate) struct Config {
     pub(crate) scope: Option<Arc<ScopeFn>>,
     pub(crate) rejection: Option<Arc<RejectionFn>>,
     pub(crate) wait_in_flight: Duration,
+    pub(crate) status_only: bool,
     pub(crate) waiters: Arc<Semaphore>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
-            key_headers: vec![
-                HeaderName::from_static("idempotency-key"),
-                HeaderName::from_static("x-idempotency-key"),
-            ],
+            key_source: KeySource::default(),
+            namespace: None,
             require_key: true,
             skip_safe_methods: true,
             lock_ttl: Duration::from_secs(30),
@@ -58,6 +63,7 @@ impl Default for Config {
             scope: None,
             rejection: None,
             wait_in_flight: Duration::ZERO,
+            status_only: false,
             waiters: Arc::new(Semaphore::new(DEFAULT_MAX_WAITERS)),
         }
     }
@@ -66,7 +72,8 @@ impl Default for Config {
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
-            .field("key_headers", &self.key_headers)
+            .field("key_source", &self.key_source)
+            .field("namespace", &self.namespace)
             .field("require_key", &self.require_key)
             .field("skip_safe_methods", &self.skip_safe_methods)
             .field("lock_ttl", &self.lock_ttl)
@@ -79,6 +86,7 @@ impl fmt::Debug for Config {
             .field("scope", &self.scope.is_some())
             .field("rejection", &self.rejection.is_some())
             .field("wait_in_flight", &self.wait_in_flight)
+            .field("status_only", &self.status_only)
             .finish_non_exhaustive()
     }
 }
@@ -128,7 +136,25 @@ impl<St> IdempotencyLayer<St> {
     ///
     /// Defaults to `Idempotency-Key`, then `X-Idempotency-Key`.
     pub fn key_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
-        self.config().key_headers = names.into_iter().collect();
+        self.config().key_source = KeySource::headers(names);
+        self
+    }
+
+    /// Sets where the key is read from: headers, a JSON body field, or a function of the
+    /// request. See [`KeySource`].
+    ///
+    /// Defaults to `Idempotency-Key`, then `X-Idempotency-Key`.
+    pub fn key_source(mut self, source: KeySource) -> Self {
+        self.config().key_source = source;
+        self
+    }
+
+    /// Adds a fixed name to the scope of every key, so that layers with different namespaces
+    /// never share keys even on the same route and store (two webhook providers, say).
+    ///
+    /// Defaults to none; the webhook presets set the provider's name.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.config().namespace = Some(namespace.into().into());
         self
     }
 
@@ -154,18 +180,22 @@ impl<St> IdempotencyLayer<St> {
     /// renewing it (the instance crashed). The owner renews every third of it while the handler
     /// runs, so a slow handler keeps its lock however long it takes.
     ///
+    /// Values are clamped to between 3 ms and 100 years.
+    ///
     /// Defaults to 30 seconds.
     pub fn lock_ttl(mut self, ttl: Duration) -> Self {
-        self.config().lock_ttl = ttl.max(Duration::from_millis(3));
+        self.config().lock_ttl = ttl.clamp(Duration::from_millis(3), MAX_TTL);
         self
     }
 
     /// Sets how long a completed response is kept and replayed. After it, the key is new again.
     /// Choose at least the longest time a client (or webhook sender) may retry.
     ///
+    /// Values are clamped to at most 100 years.
+    ///
     /// Defaults to 24 hours.
     pub fn record_ttl(mut self, ttl: Duration) -> Self {
-        self.config().record_ttl = ttl;
+        self.config().record_ttl = ttl.min(MAX_TTL);
         self
     }
 
@@ -188,6 +218,16 @@ impl<St> IdempotencyLayer<St> {
     /// Defaults to 1 MiB.
     pub fn max_response_body(mut self, bytes: usize) -> Self {
         self.config().max_response_body = bytes;
+        self
+    }
+
+    /// Stores only the status of completed requests, not their headers or body: a replay answers
+    /// with the original status and an empty body. For webhook receivers that only need
+    /// "already processed"; records shrink to a few dozen bytes.
+    ///
+    /// Defaults to `false`.
+    pub fn status_only(mut self, enabled: bool) -> Self {
+        self.config().status_only = enabled;
         self
     }
 

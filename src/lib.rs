@@ -57,6 +57,25 @@
 //! with [`Router::route_layer`](https://docs.rs/axum/latest/axum/struct.Router.html#method.route_layer),
 //! else the path) and optionally by caller ([`scope_with`](IdempotencyLayer::scope_with)).
 //!
+//! # Webhooks
+//!
+//! Presets read a webhook sender's own delivery id and suit its retry behaviour:
+//! [`IdempotencyLayer::standard_webhooks`] (also Svix), [`IdempotencyLayer::stripe_webhooks`],
+//! [`IdempotencyLayer::github_webhooks`], [`IdempotencyLayer::shopify_webhooks`] and
+//! [`IdempotencyLayer::generic_webhooks`]. They wait for an in-flight duplicate
+//! ([`wait_for_in_flight`](IdempotencyLayer::wait_for_in_flight)) and replay the original, since
+//! a sender treats a `409` as a failure to retry. Verify the sender's signature in a layer that
+//! wraps this one, so unsigned requests never claim a delivery id.
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//!
+//! let app: Router = Router::new()
+//!     .route("/webhooks/stripe", post(|| async { "ok" }))
+//!     .route_layer(IdempotencyLayer::stripe_webhooks(MemoryStore::new()));
+//! ```
+//!
 //! # How it works
 //!
 //! The first request claims its key in the store in one atomic step, recording a random owner
@@ -89,6 +108,7 @@
 //!
 //! - `redis` (default): [`RedisStore`].
 //! - `axum` (default): the [`IdempotencyKey`] extractor and scoping by axum's matched route.
+//! - `json` (default): [`KeySource::json_field`], keys read from a JSON body (Stripe events).
 //!
 //! # Tracing
 //!
@@ -103,9 +123,11 @@ mod extract;
 mod fingerprint;
 mod key;
 mod layer;
+mod presets;
 mod record;
 mod rejection;
 mod service;
+mod source;
 pub mod store;
 
 #[cfg(feature = "axum")]
@@ -116,6 +138,7 @@ pub use layer::IdempotencyLayer;
 pub use record::{CompletedRecord, DecodeError};
 pub use rejection::{Rejection, RejectionKind};
 pub use service::{IDEMPOTENT_REPLAYED, Idempotency, ResponseFuture};
+pub use source::KeySource;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::redis::RedisStore;

@@ -16,7 +16,7 @@ use tower_service::Service;
 use tracing::{Instrument, Span};
 
 use crate::fingerprint::Fingerprint;
-use crate::key::{self, IdempotencyKey};
+use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::Config;
 use crate::record::{CompletedRecord, storable_headers};
 use crate::rejection::{Rejection, RejectionKind};
@@ -177,29 +177,23 @@ where
             route = route(&parts),
             outcome = tracing::field::Empty,
         );
-        let key = match key::from_headers(&parts.headers, &config.key_headers) {
-            Ok(Some(key)) => key,
-            Ok(None) if !config.require_key => {
+        // Header keys are checked before the body is read; body keys once it is.
+        let key = match config.key_source.extract_from_head(&parts) {
+            None => None,
+            Some(Ok(Some(key))) => Some(key),
+            Some(Ok(None)) if !config.require_key => {
                 return ResponseFuture::passthrough(inner.call(Request::from_parts(parts, body)));
             }
-            Ok(None) => {
-                let names: Vec<&str> = config.key_headers.iter().map(|n| n.as_str()).collect();
-                let detail = format!("send a unique key in the {} header", names.join(" or "));
-                return self.ready(&span, Rejection::new(RejectionKind::MissingKey, detail));
-            }
-            Err(err) => {
-                let rejection = Rejection::new(RejectionKind::InvalidKey(err), err.to_string());
-                return self.ready(&span, rejection);
-            }
+            Some(Ok(None)) => return self.ready(&span, missing_key(config)),
+            Some(Err(err)) => return self.ready(&span, invalid_key(err)),
         };
         if content_length(&parts.headers).is_some_and(|len| len > config.max_request_body as u64) {
             return self.ready(&span, too_large(config.max_request_body));
         }
-        let scoped = scoped_key(&parts, config, &key);
         let ctx = Ctx {
             store: self.store.clone(),
             config: self.config.clone(),
-            scoped,
+            scoped: String::new(),
         };
         ResponseFuture {
             kind: Kind::Protected {
@@ -207,6 +201,18 @@ where
             },
         }
     }
+}
+
+fn missing_key(config: &Config) -> Rejection {
+    let detail = format!(
+        "send a unique idempotency key in {}",
+        config.key_source.describe()
+    );
+    Rejection::new(RejectionKind::MissingKey, detail)
+}
+
+fn invalid_key(err: KeyError) -> Rejection {
+    Rejection::new(RejectionKind::InvalidKey(err), err.to_string())
 }
 
 impl<S, St> Idempotency<S, St> {
@@ -270,6 +276,7 @@ fn scoped_key(parts: &request::Parts, config: &Config, key: &IdempotencyKey) -> 
         hasher.update(bytes);
     };
     field(route.as_bytes());
+    field(config.namespace.as_deref().unwrap_or("").as_bytes());
     match config.scope.as_ref().and_then(|f| f(parts)) {
         Some(caller) => {
             field(b"\x01");
@@ -379,9 +386,14 @@ impl<St: IdempotencyStore> Ctx<St> {
     }
 
     async fn complete(&self, lock: &Lock, parts: &http::response::Parts, body: &Bytes) {
-        let omitted = body.len() > self.config.max_response_body;
-        let mut headers = storable_headers(&parts.headers, &self.config.excluded_headers);
-        if omitted {
+        let status_only = self.config.status_only;
+        let omitted = status_only || body.len() > self.config.max_response_body;
+        let mut headers = if status_only {
+            http::HeaderMap::new()
+        } else {
+            storable_headers(&parts.headers, &self.config.excluded_headers)
+        };
+        if omitted && !status_only {
             headers.remove(header::CONTENT_LENGTH);
             tracing::warn!(
                 size = body.len(),
@@ -428,8 +440,8 @@ impl<St: IdempotencyStore> Ctx<St> {
 /// The protected path: buffer and fingerprint the body, claim, then run, replay or refuse.
 async fn run<S, St, ReqBody, ResBody>(
     mut inner: S,
-    ctx: Ctx<St>,
-    key: IdempotencyKey,
+    mut ctx: Ctx<St>,
+    key: Option<IdempotencyKey>,
     mut parts: request::Parts,
     body: ReqBody,
 ) -> Result<Response<ResBody>, S::Error>
@@ -455,6 +467,20 @@ where
             return Ok(ctx.reject(Rejection::new(RejectionKind::BodyUnreadable, detail)));
         }
     };
+    let key = match key.map_or_else(
+        || ctx.config.key_source.extract(&parts, &body),
+        |k| Ok(Some(k)),
+    ) {
+        Ok(Some(key)) => key,
+        Ok(None) if !ctx.config.require_key => {
+            return inner
+                .call(Request::from_parts(parts, ReqBody::from(body)))
+                .await;
+        }
+        Ok(None) => return Ok(ctx.reject(missing_key(&ctx.config))),
+        Err(err) => return Ok(ctx.reject(invalid_key(err))),
+    };
+    ctx.scoped = scoped_key(&parts, &ctx.config, &key);
     let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
     let lock = Lock::new(fingerprint);
 

@@ -101,6 +101,8 @@ both_stores!(
     wait_mode_falls_back_to_409_after_its_bound,
     wait_mode_runs_the_handler_when_the_original_fails,
     wait_mode_bounds_concurrent_waiters,
+    status_only_mode_replays_the_status_alone,
+    huge_ttls_are_clamped_not_fatal,
 );
 
 /// Handlers that count their executions.
@@ -848,5 +850,32 @@ async fn wait_mode_bounds_concurrent_waiters<St: IdempotencyStore>(b: Backend<St
     let waiter = waiter.await.unwrap();
     assert!(waiter.replayed(), "{}", waiter.text());
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(counters.runs(), 1);
+}
+
+async fn status_only_mode_replays_the_status_alone<St: IdempotencyStore>(b: Backend<St>) {
+    let counters = Counters::default();
+    let app = app(IdempotencyLayer::new(b.store).status_only(true), &counters);
+    let first = send(&app, post_req("/echo", Some("status"), "s")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.text(), "run 1: s");
+    let replay = send(&app, post_req("/echo", Some("status"), "s")).await;
+    assert_eq!(replay.status, StatusCode::CREATED);
+    assert!(replay.replayed());
+    assert!(replay.body.is_empty());
+    assert!(!replay.headers.contains_key("x-multi"));
+    assert_eq!(counters.runs(), 1);
+}
+
+async fn huge_ttls_are_clamped_not_fatal<St: IdempotencyStore>(b: Backend<St>) {
+    let counters = Counters::default();
+    let layer = IdempotencyLayer::new(b.store)
+        .record_ttl(Duration::MAX)
+        .lock_ttl(Duration::MAX);
+    let app = app(layer, &counters);
+    let first = send(&app, post_req("/echo", Some("forever"), "f")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let replay = send(&app, post_req("/echo", Some("forever"), "f")).await;
+    assert!(replay.replayed(), "{} {}", replay.status, replay.text());
     assert_eq!(counters.runs(), 1);
 }

@@ -103,6 +103,12 @@ impl MemoryStore {
     }
 }
 
+/// `now + d`, saturating far in the future instead of overflowing.
+fn deadline(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 60 * 60))
+}
+
 impl Inner {
     fn sweep_if_due(&mut self, now: Instant) {
         self.claims_since_sweep += 1;
@@ -133,7 +139,7 @@ impl IdempotencyStore for MemoryStore {
             _ => {
                 let entry = Entry::Running {
                     lock: *lock,
-                    deadline: now + lease,
+                    deadline: deadline(now, lease),
                 };
                 inner.entries.insert(key.into(), entry);
                 Ok(Claim::Acquired)
@@ -142,7 +148,7 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn renew(&self, key: &str, lock: &Lock, lease: Duration) -> Result<bool, StoreError> {
-        let deadline = Instant::now() + lease;
+        let deadline = deadline(Instant::now(), lease);
         Ok(self.with_owned(key, lock, |inner| {
             let entry = Entry::Running {
                 lock: *lock,
@@ -159,7 +165,7 @@ impl IdempotencyStore for MemoryStore {
         record: &CompletedRecord,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let expires = Instant::now() + ttl;
+        let expires = deadline(Instant::now(), ttl);
         Ok(self.with_owned(key, lock, |inner| {
             let entry = Entry::Completed {
                 record: record.clone(),

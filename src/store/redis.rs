@@ -206,8 +206,12 @@ fn now_ms() -> u64 {
 }
 
 fn millis(d: Duration) -> u64 {
-    // Redis rejects a PX of 0; a zero duration means "expire at once", i.e. 1 ms.
-    (d.as_millis() as u64).max(1)
+    // Redis rejects a PX of 0 (a zero duration means "expire at once", i.e. 1 ms) and one that
+    // overflows its clock (capped at 100 years here).
+    const MAX_MS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
+    u64::try_from(d.as_millis())
+        .unwrap_or(MAX_MS)
+        .clamp(1, MAX_MS)
 }
 
 fn running_record(lock: &Lock, lease: Duration) -> [u8; RunningRecord::LEN] {

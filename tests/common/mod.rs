@@ -6,7 +6,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::future::Future;
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,13 +21,39 @@ const HOW_TO_GET_REDIS: &str = "these tests need Redis: install redis-server \
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// Data directory of a durable server (see [`RedisServer::spawn_durable`]), removed on drop.
+    dir: Option<PathBuf>,
 }
 
 impl RedisServer {
     /// Spawns a server on a free port and waits until it answers.
     pub fn spawn() -> Self {
         let port = free_port();
-        let mut server = Self { port, child: None };
+        let mut server = Self {
+            port,
+            child: None,
+            dir: None,
+        };
+        server.start();
+        server
+    }
+
+    /// Spawns a server that keeps every acknowledged write across a kill and restart: an
+    /// append-only file, fsynced before each reply (`appendfsync always`), in a directory of its
+    /// own. A write Redis answered survives `stop()` (SIGKILL) and is there after `start()`.
+    pub fn spawn_durable() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "tower-idempotency-redis-{}-{port}-{}",
+            std::process::id(),
+            DIRS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create the redis data directory");
+        let mut server = Self {
+            port,
+            child: None,
+            dir: Some(dir),
+        };
         server.start();
         server
     }
@@ -41,12 +69,21 @@ impl RedisServer {
     /// Starts (or restarts) the server on its port.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "server already running");
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
-            .args(["--appendonly", "no"])
-            .args(["--protected-mode", "no"])
+            .args(["--protected-mode", "no"]);
+        match &self.dir {
+            Some(dir) => command
+                .arg("--dir")
+                .arg(dir)
+                .args(["--appendonly", "yes"])
+                .args(["--appendfsync", "always"]),
+            None => command.args(["--appendonly", "no"]),
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -75,8 +112,13 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
+
+static DIRS: AtomicU64 = AtomicU64::new(0);
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -166,4 +208,171 @@ pub fn unique_prefix(test: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Awaits `fut`, failing the test if it takes longer than `limit`: a test that would hang fails
+/// with a message instead.
+pub async fn bounded<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what}: still not done after {limit:?}"),
+    }
+}
+
+/// What a [`TcpProxy`] does with the bytes it carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Forwards both ways.
+    Pass,
+    /// Holds every byte in both directions (a partition, or a peer that stopped reading);
+    /// new connections are accepted and held too. Held bytes are delivered when the mode
+    /// returns to `Pass`, as TCP retransmission would after a partition heals.
+    Stall,
+    /// Forwards requests to the server but holds its replies: commands execute, their answers
+    /// do not arrive.
+    StallReplies,
+    /// Closes every connection and every new one at once (connection refused or reset).
+    Refuse,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ProxyState {
+    mode: ProxyMode,
+    /// Bumped to close every open connection.
+    generation: u64,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of a server on 127.0.0.1, that can stall or cut the
+/// connections going through it. Runs on the test's Tokio runtime; stops when dropped.
+pub struct TcpProxy {
+    port: u16,
+    state: tokio::sync::watch::Sender<ProxyState>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Starts a proxy to `127.0.0.1:upstream_port`, passing traffic through.
+    pub async fn start(upstream_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (state, _) = tokio::sync::watch::channel(ProxyState {
+            mode: ProxyMode::Pass,
+            generation: 0,
+        });
+        let watch = state.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let now = *watch.borrow();
+                if now.mode == ProxyMode::Refuse {
+                    drop(client);
+                    continue;
+                }
+                let rx = watch.subscribe();
+                tokio::spawn(async move {
+                    let Ok(server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
+                    else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    let up = pump(client_read, server_write, rx.clone(), Direction::Request);
+                    let down = pump(server_read, client_write, rx.clone(), Direction::Reply);
+                    let cut = cut(rx, now.generation);
+                    // Whichever ends first (EOF, error, cut) closes both sockets.
+                    tokio::select! {
+                        () = up => {}
+                        () = down => {}
+                        () = cut => {}
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            state,
+            accept,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL of the proxied Redis.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn set(&self, mode: ProxyMode) {
+        self.state.send_modify(|s| {
+            s.mode = mode;
+            if mode == ProxyMode::Refuse {
+                s.generation += 1;
+            }
+        });
+    }
+
+    /// Closes every open connection (new ones are accepted as the mode says).
+    pub fn cut_all(&self) {
+        self.state.send_modify(|s| s.generation += 1);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        // Open connections see the sender gone and close.
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Request,
+    Reply,
+}
+
+fn flows(mode: ProxyMode, direction: Direction) -> bool {
+    match mode {
+        ProxyMode::Pass => true,
+        ProxyMode::Stall | ProxyMode::Refuse => false,
+        ProxyMode::StallReplies => direction == Direction::Request,
+    }
+}
+
+/// Resolves once the connection of `generation` must close (or the proxy is gone).
+async fn cut(mut rx: tokio::sync::watch::Receiver<ProxyState>, generation: u64) {
+    let _ = rx
+        .wait_for(|s| s.generation != generation || s.mode == ProxyMode::Refuse)
+        .await;
+}
+
+/// Copies bytes from `from` to `to`, holding them while the mode says this direction stalls.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: tokio::sync::watch::Receiver<ProxyState>,
+    direction: Direction,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if rx.wait_for(|s| flows(s.mode, direction)).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
