@@ -43,6 +43,8 @@ pub(crate) struct Config {
     pub(crate) wait_in_flight: Duration,
     pub(crate) status_only: bool,
     pub(crate) waiters: Arc<Semaphore>,
+    #[cfg(feature = "cache")]
+    pub(crate) cache: Option<crate::cache::LocalCache>,
 }
 
 impl Default for Config {
@@ -64,6 +66,8 @@ impl Default for Config {
             rejection: None,
             wait_in_flight: Duration::ZERO,
             status_only: false,
+            #[cfg(feature = "cache")]
+            cache: None,
             waiters: Arc::new(Semaphore::new(DEFAULT_MAX_WAITERS)),
         }
     }
@@ -228,6 +232,17 @@ impl<St> IdempotencyLayer<St> {
     /// Defaults to `false`.
     pub fn status_only(mut self, enabled: bool) -> Self {
         self.config().status_only = enabled;
+        self
+    }
+
+    /// Keeps completed records in an in-process cache as well, so replays of hot keys need no
+    /// store round trip (feature `cache`). See [`LocalCache`](crate::LocalCache) for the bounds
+    /// and the consistency trade-off.
+    ///
+    /// Defaults to no cache.
+    #[cfg(feature = "cache")]
+    pub fn local_cache(mut self, cache: crate::LocalCache) -> Self {
+        self.config().cache = Some(cache);
         self
     }
 

@@ -108,6 +108,9 @@
 //!
 //! - `redis` (default): [`RedisStore`].
 //! - `axum` (default): the [`IdempotencyKey`] extractor and scoping by axum's matched route.
+//! - `cluster`: `RedisStore::cluster`, for Redis Cluster.
+//! - `cache`: [`LocalCache`], an in-process cache of completed records for hot replays.
+//! - `metrics`: counters and histograms through the `metrics` facade; names in [`metrics`].
 //! - `json` (default): [`KeySource::json_field`], keys read from a JSON body (Stripe events).
 //!
 //! # Tracing
@@ -118,11 +121,14 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "cache")]
+mod cache;
 #[cfg(feature = "axum")]
 mod extract;
 mod fingerprint;
 mod key;
 mod layer;
+pub mod metrics;
 mod presets;
 mod record;
 mod rejection;
@@ -130,6 +136,8 @@ mod service;
 mod source;
 pub mod store;
 
+#[cfg(feature = "cache")]
+pub use cache::LocalCache;
 #[cfg(feature = "axum")]
 pub use extract::MissingKeyExtension;
 pub use fingerprint::Fingerprint;

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! running:   [version][b'R'][owner: 16][fingerprint: 32][lease deadline, unix ms: u64 LE]
-//! completed: [version][b'D'][fingerprint: 32][flags: u8][status: u16 LE][header count: u16 LE]
+//! completed: [version][b'D'][fingerprint: 32][flags: u8][expires, unix ms: u64 LE]
+//!            [status: u16 LE][header count: u16 LE]
 //!            { [name len: u16 LE][name][value len: u32 LE][value] } * header count
 //!            [body: the rest]
 //! ```
@@ -40,6 +41,9 @@ pub struct CompletedRecord {
     /// The original body was larger than the layer's response limit and was not stored: the
     /// replay carries the original status and headers with an empty body.
     pub body_omitted: bool,
+    /// When the record expires, in milliseconds since the Unix epoch (0: unknown). Set by the
+    /// layer when it completes a request; used to bound how long a local cache may keep it.
+    pub expires_at_ms: u64,
 }
 
 impl CompletedRecord {
@@ -57,7 +61,14 @@ impl CompletedRecord {
             headers,
             body,
             body_omitted,
+            expires_at_ms: 0,
         }
+    }
+
+    /// Sets [`expires_at_ms`](Self::expires_at_ms).
+    pub fn with_expiry(mut self, expires_at_ms: u64) -> Self {
+        self.expires_at_ms = expires_at_ms;
+        self
     }
 
     /// The size of [`encode`](Self::encode)'s output, without encoding.
@@ -67,7 +78,7 @@ impl CompletedRecord {
             .iter()
             .map(|(name, value)| 2 + name.as_str().len() + 4 + value.len())
             .sum();
-        2 + 32 + 1 + 2 + 2 + headers + self.body.len()
+        2 + 32 + 1 + 8 + 2 + 2 + headers + self.body.len()
     }
 
     /// Encodes the record in the crate's versioned binary format.
@@ -80,6 +91,7 @@ impl CompletedRecord {
         } else {
             0
         });
+        out.extend_from_slice(&self.expires_at_ms.to_le_bytes());
         out.extend_from_slice(&self.status.as_u16().to_le_bytes());
         // `HeaderMap` cannot hold more than 32768 entries, so the count fits in a u16; names are
         // shorter than 64 KiB and values are limited to u32 by `encoded_len`'s users (bodies are
@@ -109,6 +121,7 @@ impl CompletedRecord {
         if flags & !FLAG_BODY_OMITTED != 0 {
             return Err(DecodeError("unknown flags"));
         }
+        let expires_at_ms = r.u64()?;
         let status =
             StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("invalid status code"))?;
         let count = r.u16()?;
@@ -133,6 +146,7 @@ impl CompletedRecord {
             headers,
             body,
             body_omitted,
+            expires_at_ms,
         })
     }
 }
@@ -260,6 +274,10 @@ impl<'a> Reader<'a> {
         self.array().map(u32::from_le_bytes)
     }
 
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.array().map(u64::from_le_bytes)
+    }
+
     fn header(&mut self, kind: u8) -> Result<(), DecodeError> {
         match self.array()? {
             [VERSION, k] if k == kind => Ok(()),
@@ -326,6 +344,7 @@ mod tests {
             Bytes::from_static(b"{\"ok\":true}"),
             false,
         )
+        .with_expiry(1_800_000_000_000)
     }
 
     #[test]
@@ -391,7 +410,7 @@ mod tests {
         bytes[34] = 0xff; // flags
         assert!(Stored::decode(Bytes::from(bytes)).is_err());
         let mut bytes = sample().encode();
-        bytes[35..37].copy_from_slice(&42u16.to_le_bytes()); // status 42
+        bytes[43..45].copy_from_slice(&42u16.to_le_bytes()); // status 42
         assert!(Stored::decode(Bytes::from(bytes)).is_err());
     }
 

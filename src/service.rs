@@ -18,6 +18,7 @@ use tracing::{Instrument, Span};
 use crate::fingerprint::Fingerprint;
 use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::Config;
+use crate::metrics;
 use crate::record::{CompletedRecord, storable_headers};
 use crate::rejection::{Rejection, RejectionKind};
 use crate::store::{Claim, IdempotencyStore, Lock, StoreError};
@@ -138,6 +139,7 @@ impl Outcome {
 
 fn record_outcome(outcome: Outcome) {
     Span::current().record("outcome", outcome.as_str());
+    metrics::outcome(outcome.as_str());
 }
 
 impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
@@ -211,6 +213,12 @@ fn missing_key(config: &Config) -> Rejection {
     Rejection::new(RejectionKind::MissingKey, detail)
 }
 
+fn key_reused() -> Rejection {
+    let detail = "this idempotency key was already used for a different request \
+                  (method, path or body differ); use a new key for a new request";
+    Rejection::new(RejectionKind::KeyReused, detail)
+}
+
 fn invalid_key(err: KeyError) -> Rejection {
     Rejection::new(RejectionKind::InvalidKey(err), err.to_string())
 }
@@ -222,6 +230,7 @@ impl<S, St> Idempotency<S, St> {
         rejection: Rejection,
     ) -> ResponseFuture<F, B, E> {
         span.record("outcome", Outcome::Rejected.as_str());
+        metrics::outcome(Outcome::Rejected.as_str());
         span.in_scope(|| tracing::debug!(status = %rejection.status(), %rejection, "rejected"));
         ResponseFuture {
             kind: Kind::Ready {
@@ -306,19 +315,24 @@ struct Ctx<St> {
 }
 
 impl<St: IdempotencyStore> Ctx<St> {
+    /// Runs store operation `name` within the store timeout, and measures it.
     async fn with_timeout<T>(
         &self,
+        name: &'static str,
         op: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.config.store_timeout, op).await {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.config.store_timeout, op).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Timeout),
-        }
+        };
+        metrics::store_op(name, started.elapsed(), result.is_ok());
+        result
     }
 
     async fn claim(&self, lock: &Lock) -> Result<Claim, StoreError> {
         let lease = self.config.lock_ttl;
-        self.with_timeout(self.store.claim(&self.scoped, lock, lease))
+        self.with_timeout("claim", self.store.claim(&self.scoped, lock, lease))
             .await
     }
 
@@ -369,11 +383,15 @@ impl<St: IdempotencyStore> Ctx<St> {
         loop {
             ticks.tick().await;
             match self
-                .with_timeout(self.store.renew(&self.scoped, lock, lease))
+                .with_timeout("renew", self.store.renew(&self.scoped, lock, lease))
                 .await
             {
-                Ok(true) => tracing::trace!("lease renewed"),
+                Ok(true) => {
+                    metrics::count(metrics::RENEWALS);
+                    tracing::trace!("lease renewed");
+                }
                 Ok(false) => {
+                    metrics::count(metrics::LEASES_LOST);
                     tracing::warn!(
                         "lease lost while the handler runs: another attempt may run this key; \
                          this attempt's response will not be stored"
@@ -409,14 +427,27 @@ impl<St: IdempotencyStore> Ctx<St> {
             omitted,
         );
         let ttl = self.config.record_ttl;
+        let record = record.with_expiry(unix_ms().saturating_add(ttl.as_millis() as u64));
         match self
-            .with_timeout(self.store.complete(&self.scoped, lock, &record, ttl))
+            .with_timeout(
+                "complete",
+                self.store.complete(&self.scoped, lock, &record, ttl),
+            )
             .await
         {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(
-                "lease lost before the response could be stored; the response was not stored"
-            ),
+            Ok(true) =>
+            {
+                #[cfg(feature = "cache")]
+                if let Some(cache) = &self.config.cache {
+                    cache.insert(&self.scoped, record);
+                }
+            }
+            Ok(false) => {
+                metrics::count(metrics::LEASES_LOST);
+                tracing::warn!(
+                    "lease lost before the response could be stored; the response was not stored"
+                );
+            }
             Err(err) => tracing::error!(
                 error = %err,
                 "could not store the response; the key stays locked until its lease lapses"
@@ -426,7 +457,7 @@ impl<St: IdempotencyStore> Ctx<St> {
 
     async fn release(&self, lock: &Lock) {
         if let Err(err) = self
-            .with_timeout(self.store.release(&self.scoped, lock))
+            .with_timeout("release", self.store.release(&self.scoped, lock))
             .await
         {
             tracing::error!(
@@ -484,6 +515,22 @@ where
     let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
     let lock = Lock::new(fingerprint);
 
+    #[cfg(feature = "cache")]
+    if let Some(cache) = &ctx.config.cache {
+        match cache.get(&ctx.scoped) {
+            Some(record) => {
+                metrics::count(metrics::CACHE_HITS);
+                if record.fingerprint == fingerprint {
+                    record_outcome(Outcome::Replayed);
+                    return Ok(replay(CompletedRecord::clone(&record)));
+                }
+                record_outcome(Outcome::Mismatch);
+                return Ok(render(&ctx.config, &key_reused()));
+            }
+            None => metrics::count(metrics::CACHE_MISSES),
+        }
+    }
+
     let mut claim = ctx.claim(&lock).await;
     tracing::debug!(claim_ms = started.elapsed().as_secs_f64() * 1e3, "claimed");
     if matches!(&claim, Ok(Claim::InFlight { fingerprint: holder, .. }) if *holder == fingerprint)
@@ -508,6 +555,10 @@ where
         }
         Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {
             record_outcome(Outcome::Replayed);
+            #[cfg(feature = "cache")]
+            if let Some(cache) = &ctx.config.cache {
+                cache.insert(&ctx.scoped, record.clone());
+            }
             Ok(replay(record))
         }
         Ok(Claim::InFlight {
@@ -523,10 +574,7 @@ where
         }
         Ok(Claim::Completed(_) | Claim::InFlight { .. }) => {
             record_outcome(Outcome::Mismatch);
-            let detail = "this idempotency key was already used for a different request \
-                          (method, path or body differ); use a new key for a new request";
-            let rejection = Rejection::new(RejectionKind::KeyReused, detail);
-            Ok(render(&ctx.config, &rejection))
+            Ok(render(&ctx.config, &key_reused()))
         }
         Err(StoreError::Corrupt(err)) => {
             tracing::error!(error = %err, "unreadable idempotency record; handler not run");
@@ -590,6 +638,7 @@ where
             () = &mut renewal => unreachable!("renewal never ends"),
         }
     };
+    metrics::handler(started.elapsed());
     tracing::debug!(
         handler_ms = started.elapsed().as_secs_f64() * 1e3,
         "handler finished"
@@ -620,6 +669,12 @@ where
             Ok(Response::from_parts(parts, ResBody::from(body)))
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn replay<B: From<Bytes>>(record: CompletedRecord) -> Response<B> {

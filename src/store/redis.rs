@@ -62,8 +62,9 @@ pub const DEFAULT_KEY_PREFIX: &str = "idempotency:";
 /// # Connection
 ///
 /// [`RedisStore::new`] uses a [`ConnectionManager`], which multiplexes requests over one
-/// connection and reconnects by itself after Redis restarts. Any other
-/// [`ConnectionLike`] connection that is `Clone` works through [`RedisStore::from_connection`].
+/// connection and reconnects by itself after Redis restarts. `RedisStore::cluster` (feature
+/// `cluster`) connects to Redis Cluster. Any other [`ConnectionLike`] connection that is `Clone`
+/// works through [`RedisStore::from_connection`].
 #[derive(Clone)]
 pub struct RedisStore<C = ConnectionManager> {
     conn: C,
@@ -95,6 +96,26 @@ impl RedisStore<ConnectionManager> {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(Self::from_connection(conn))
+    }
+}
+
+#[cfg(feature = "cluster")]
+impl RedisStore<redis::cluster_async::ClusterConnection> {
+    /// Connects to a Redis Cluster and returns the store (feature `cluster`).
+    ///
+    /// Every operation touches exactly one key, so each entry lives in one slot and the same
+    /// commands and scripts work unchanged; the cluster connection routes each to the slot's
+    /// master and follows `MOVED`/`ASK` redirections. Set connection and response timeouts on the
+    /// [`ClusterClientBuilder`](redis::cluster::ClusterClientBuilder).
+    ///
+    /// Do not put a hash tag (`{...}`) in the key prefix: it would send every entry to the same
+    /// slot, and so to one node. Entries need no co-location.
+    pub async fn cluster(client: redis::cluster::ClusterClient) -> Result<Self, StoreError> {
+        let conn = client
+            .get_async_connection()
             .await
             .map_err(StoreError::backend)?;
         Ok(Self::from_connection(conn))
