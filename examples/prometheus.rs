@@ -9,6 +9,8 @@
 //! request without a key) and prints what a `/metrics` endpoint would serve. In a service, expose
 //! `handle.render()` on a route of its own, or enable the exporter's HTTP listener.
 
+#![allow(clippy::print_stdout)] // printing the metrics is the point of this example
+
 use std::time::Duration;
 
 use axum::Router;
