@@ -125,7 +125,12 @@ impl CompletedRecord {
         let status =
             StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("invalid status code"))?;
         let count = r.u16()?;
-        let mut headers = HeaderMap::with_capacity(usize::from(count));
+        // Each header takes at least 6 bytes; a count the remaining bytes cannot hold is corrupt
+        // (and must not size an allocation).
+        if usize::from(count) * 6 > bytes.len() - r.pos {
+            return Err(DecodeError("header count larger than the record"));
+        }
+        let mut headers = HeaderMap::new();
         for _ in 0..count {
             let len = usize::from(r.u16()?);
             let name = HeaderName::from_bytes(r.take(len)?)
@@ -133,7 +138,9 @@ impl CompletedRecord {
             let len = r.u32()? as usize;
             let value = HeaderValue::from_bytes(r.take(len)?)
                 .map_err(|_| DecodeError("invalid header value"))?;
-            headers.append(name, value);
+            headers
+                .try_append(name, value)
+                .map_err(|_| DecodeError("too many headers"))?;
         }
         let body = bytes.slice(r.pos..);
         let body_omitted = flags & FLAG_BODY_OMITTED != 0;
@@ -388,6 +395,24 @@ mod tests {
             let res = Stored::decode(Bytes::copy_from_slice(&bytes[..cut]));
             assert!(res.is_err(), "cut at {cut} decoded: {res:?}");
         }
+    }
+
+    #[test]
+    fn huge_header_counts_are_an_error_not_a_panic() {
+        // 65535 headers of empty name: invalid names, and more headers than a HeaderMap holds.
+        let mut bytes = sample().encode();
+        bytes[45..47].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(CompletedRecord::decode(Bytes::from(bytes)).is_err());
+        // 40000 distinct valid header names: more than a HeaderMap can hold.
+        let mut bytes = sample().encode()[..45].to_vec();
+        bytes.extend_from_slice(&40_000u16.to_le_bytes());
+        for i in 0..40_000 {
+            let name = format!("h{i}");
+            bytes.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            bytes.extend_from_slice(name.as_bytes());
+            bytes.extend_from_slice(&0u32.to_le_bytes());
+        }
+        assert!(CompletedRecord::decode(Bytes::from(bytes)).is_err());
     }
 
     #[cfg(feature = "redis")]
