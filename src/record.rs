@@ -8,7 +8,7 @@
 //! completed: [version][b'D'][fingerprint: 32][flags: u8][expires, unix ms: u64 LE]
 //!            [status: u16 LE][header count: u16 LE]
 //!            { [name len: u16 LE][name][value len: u32 LE][value] } * header count
-//!            [body: the rest]
+//!            [body len: u64 LE][body: exactly body len bytes]
 //! ```
 
 use std::fmt;
@@ -78,7 +78,7 @@ impl CompletedRecord {
             .iter()
             .map(|(name, value)| 2 + name.as_str().len() + 4 + value.len())
             .sum();
-        2 + 32 + 1 + 8 + 2 + 2 + headers + self.body.len()
+        2 + 32 + 1 + 8 + 2 + 2 + headers + 8 + self.body.len()
     }
 
     /// Encodes the record in the crate's versioned binary format.
@@ -105,6 +105,7 @@ impl CompletedRecord {
             out.extend_from_slice(&(value.len() as u32).to_le_bytes());
             out.extend_from_slice(value.as_bytes());
         }
+        out.extend_from_slice(&(self.body.len() as u64).to_le_bytes());
         out.extend_from_slice(&self.body);
         out
     }
@@ -141,6 +142,12 @@ impl CompletedRecord {
             headers
                 .try_append(name, value)
                 .map_err(|_| DecodeError("too many headers"))?;
+        }
+        // The body length is stored, so a record cut short (or padded) anywhere is refused
+        // rather than replayed with a partial body.
+        let body_len = r.u64()?;
+        if usize::try_from(body_len).ok() != Some(bytes.len() - r.pos) {
+            return Err(DecodeError("body length does not match the record"));
         }
         let body = bytes.slice(r.pos..);
         let body_omitted = flags & FLAG_BODY_OMITTED != 0;
@@ -390,8 +397,7 @@ mod tests {
     #[test]
     fn every_truncation_is_an_error() {
         let bytes = sample().encode();
-        let body_start = bytes.len() - sample().body.len();
-        for cut in 0..body_start {
+        for cut in 0..bytes.len() {
             let res = Stored::decode(Bytes::copy_from_slice(&bytes[..cut]));
             assert!(res.is_err(), "cut at {cut} decoded: {res:?}");
         }

@@ -545,12 +545,20 @@ where
             let req = Request::from_parts(parts, ReqBody::from(body));
             // The handler runs in a task of its own, so a client that goes away cannot cancel it
             // halfway: the claim is always completed or released.
+            let config = ctx.config.clone();
             let task = tokio::spawn(own(inner, ctx, req, lock).in_current_span());
             match task.await {
                 Ok(result) => result,
-                // `own` catches the handler's panics; the task itself only fails if the runtime
-                // is shutting down, and then nobody is waiting for this response.
-                Err(err) => std::panic::resume_unwind(err.into_panic()),
+                // `own` catches the handler's panics, so the task only fails when the runtime
+                // shuts down and cancels it; the lease then lapses by itself.
+                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                Err(_) => {
+                    let detail = "the server is shutting down; the request may be retried";
+                    Ok(render(
+                        &config,
+                        &Rejection::new(RejectionKind::HandlerFailed, detail),
+                    ))
+                }
             }
         }
         Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {
