@@ -14,66 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_idempotency::{
-    IdempotencyKey, IdempotencyLayer, IdempotencyStore, MemoryStore, RedisStore,
-};
+use tower_idempotency::{IdempotencyKey, IdempotencyLayer, IdempotencyStore};
 
-use common::{TestRedis, unique_prefix};
-
-/// A store under test and a way to count the entries it holds.
-struct Backend<St> {
-    store: St,
-    entries: Box<dyn Fn() -> usize + Send + Sync>,
-    /// Keeps a spawned redis-server alive for the test.
-    _redis: Option<Arc<TestRedis>>,
-}
-
-fn memory() -> Backend<MemoryStore> {
-    let store = MemoryStore::new();
-    let probe = store.clone();
-    Backend {
-        store,
-        entries: Box::new(move || probe.len()),
-        _redis: None,
-    }
-}
-
-async fn redis(test: &str) -> Backend<RedisStore> {
-    let redis = Arc::new(TestRedis::get());
-    let prefix = unique_prefix(test);
-    let store = RedisStore::new(redis.client())
-        .await
-        .expect("connect to redis")
-        .key_prefix(prefix.clone());
-    let probe = redis.clone();
-    Backend {
-        store,
-        entries: Box::new(move || probe.count_keys(&prefix)),
-        _redis: Some(redis),
-    }
-}
-
-/// Runs each named test function against MemoryStore and RedisStore.
-macro_rules! both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod memory_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::memory()).await;
-                }
-            )*
-        }
-        mod redis_store {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::redis(stringify!($name)).await).await;
-                }
-            )*
-        }
-    };
-}
+use common::backend::Backend;
 
 both_stores!(
     first_delivery_runs_once_and_replays_identically,

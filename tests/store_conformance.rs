@@ -46,6 +46,17 @@ async fn redis_script(test: &str) -> (Option<TestRedis>, RedisStore) {
     (Some(redis), store)
 }
 
+/// Two stores on the same prefix: one claiming natively, one with the Lua script.
+async fn native_and_script(redis: &TestRedis, prefix: &str) -> (RedisStore, RedisStore) {
+    let store = || async {
+        RedisStore::new(redis.client())
+            .await
+            .unwrap()
+            .key_prefix(prefix)
+    };
+    (store().await, store().await.claim_with_script(true))
+}
+
 macro_rules! conformance {
     ($module:ident, $make:path) => {
         conformance!(@cases $module, $make, [
@@ -105,15 +116,7 @@ async fn redis_corrupt_value_is_an_error_and_left_alone() {
     let redis = TestRedis::get();
     let mut conn = connection(&redis).await;
     let prefix = unique_prefix("corrupt");
-    let native = RedisStore::new(redis.client())
-        .await
-        .unwrap()
-        .key_prefix(prefix.clone());
-    let script = RedisStore::new(redis.client())
-        .await
-        .unwrap()
-        .key_prefix(prefix.clone())
-        .claim_with_script(true);
+    let (native, script) = native_and_script(&redis, &prefix).await;
 
     let mut truncated_done = rich_record(fp(1), b"body").encode();
     truncated_done.truncate(20);
@@ -167,15 +170,7 @@ async fn redis_ttls_follow_lease_and_record_ttl() {
     let redis = TestRedis::get();
     let mut conn = connection(&redis).await;
     let prefix = unique_prefix("ttls");
-    let native = RedisStore::new(redis.client())
-        .await
-        .unwrap()
-        .key_prefix(prefix.clone());
-    let script = RedisStore::new(redis.client())
-        .await
-        .unwrap()
-        .key_prefix(prefix.clone())
-        .claim_with_script(true);
+    let (native, script) = native_and_script(&redis, &prefix).await;
     let lease = Duration::from_secs(5);
     let renewed = Duration::from_secs(30);
     let ttl = Duration::from_secs(60);
@@ -221,15 +216,7 @@ async fn redis_ttls_follow_lease_and_record_ttl() {
 async fn redis_native_and_script_claims_interoperate() {
     let redis = TestRedis::get();
     let prefix = unique_prefix("interop");
-    let native = RedisStore::new(redis.client())
-        .await
-        .unwrap()
-        .key_prefix(prefix.clone());
-    let script = RedisStore::new(redis.client())
-        .await
-        .unwrap()
-        .key_prefix(prefix.clone())
-        .claim_with_script(true);
+    let (native, script) = native_and_script(&redis, &prefix).await;
     assert_eq!(native.redis_key("k"), script.redis_key("k"));
 
     for (first_name, first, second_name, second) in [

@@ -6,6 +6,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod backend;
 pub mod cluster;
 use std::future::Future;
 use std::net::TcpListener;
