@@ -543,23 +543,10 @@ where
             record_outcome(Outcome::Acquired);
             parts.extensions.insert(key);
             let req = Request::from_parts(parts, ReqBody::from(body));
-            // The handler runs in a task of its own, so a client that goes away cannot cancel it
-            // halfway: the claim is always completed or released.
-            let config = ctx.config.clone();
-            let task = tokio::spawn(own(inner, ctx, req, lock).in_current_span());
-            match task.await {
-                Ok(result) => result,
-                // `own` catches the handler's panics, so the task only fails when the runtime
-                // shuts down and cancels it; the lease then lapses by itself.
-                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-                Err(_) => {
-                    let detail = "the server is shutting down; the request may be retried";
-                    Ok(render(
-                        &config,
-                        &Rejection::new(RejectionKind::HandlerFailed, detail),
-                    ))
-                }
-            }
+            // The owner's work runs in this task; if the client goes away it carries on in a
+            // task of its own, so the handler is never cancelled halfway and the claim is always
+            // completed or released.
+            DetachOnDrop::new(own(inner, ctx, req, lock).in_current_span()).await
         }
         Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {
             record_outcome(Outcome::Replayed);
@@ -642,6 +629,8 @@ where
         let renewal = ctx.renew_forever(&lock);
         tokio::pin!(handler, renewal);
         tokio::select! {
+            // The handler first: one that answers at once never starts the renewal timer.
+            biased;
             outcome = &mut handler => outcome,
             () = &mut renewal => unreachable!("renewal never ends"),
         }
@@ -675,6 +664,47 @@ where
                 ctx.release(&lock).await;
             }
             Ok(Response::from_parts(parts, ResBody::from(body)))
+        }
+    }
+}
+
+/// Drives a future in the caller's task; if dropped before the future finished, spawns the rest
+/// on the current runtime instead of cancelling it (without a runtime, nothing could drive it:
+/// it is dropped, and a claim it held lapses with its lease).
+///
+/// Compared with spawning up front, a request whose client stays (nearly all of them) costs no
+/// task allocation and no hop to another worker thread.
+struct DetachOnDrop<T: Send + 'static> {
+    future: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+}
+
+impl<T: Send + 'static> DetachOnDrop<T> {
+    fn new(future: impl Future<Output = T> + Send + 'static) -> Self {
+        Self {
+            future: Some(Box::pin(future)),
+        }
+    }
+}
+
+impl<T: Send + 'static> Future for DetachOnDrop<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let future = self.future.as_mut().expect("polled after completion");
+        let output = std::task::ready!(future.as_mut().poll(cx));
+        self.future = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<T: Send + 'static> Drop for DetachOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(future) = self.future.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = future.await;
+            });
         }
     }
 }
