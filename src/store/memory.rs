@@ -88,18 +88,18 @@ impl MemoryStore {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies `f` to the entry of `key` if `lock` still owns it.
-    fn with_owned(&self, key: &str, lock: &Lock, f: impl FnOnce(&mut Inner)) -> bool {
+    /// Replaces the entry of `key` in place (no key allocation) with `f()` if `lock` still owns
+    /// it.
+    fn replace_owned(&self, key: &str, lock: &Lock, f: impl FnOnce() -> Entry) -> bool {
         let now = Instant::now();
         let mut inner = self.lock();
-        let owned = inner
-            .entries
-            .get(key)
-            .is_some_and(|e| e.is_owned_by(lock, now));
-        if owned {
-            f(&mut inner);
+        match inner.entries.get_mut(key) {
+            Some(entry) if entry.is_owned_by(lock, now) => {
+                *entry = f();
+                true
+            }
+            _ => false,
         }
-        owned
     }
 }
 
@@ -149,12 +149,9 @@ impl IdempotencyStore for MemoryStore {
 
     async fn renew(&self, key: &str, lock: &Lock, lease: Duration) -> Result<bool, StoreError> {
         let deadline = deadline(Instant::now(), lease);
-        Ok(self.with_owned(key, lock, |inner| {
-            let entry = Entry::Running {
-                lock: *lock,
-                deadline,
-            };
-            inner.entries.insert(key.into(), entry);
+        Ok(self.replace_owned(key, lock, || Entry::Running {
+            lock: *lock,
+            deadline,
         }))
     }
 
@@ -166,19 +163,23 @@ impl IdempotencyStore for MemoryStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let expires = deadline(Instant::now(), ttl);
-        Ok(self.with_owned(key, lock, |inner| {
-            let entry = Entry::Completed {
-                record: record.clone(),
-                expires,
-            };
-            inner.entries.insert(key.into(), entry);
+        Ok(self.replace_owned(key, lock, || Entry::Completed {
+            record: record.clone(),
+            expires,
         }))
     }
 
     async fn release(&self, key: &str, lock: &Lock) -> Result<bool, StoreError> {
-        Ok(self.with_owned(key, lock, |inner| {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let owned = inner
+            .entries
+            .get(key)
+            .is_some_and(|e| e.is_owned_by(lock, now));
+        if owned {
             inner.entries.remove(key);
-        }))
+        }
+        Ok(owned)
     }
 }
 
