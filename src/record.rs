@@ -7,8 +7,15 @@
 //! running:   [version][b'R'][owner: 16][fingerprint: 32][lease deadline, unix ms: u64 LE]
 //! completed: [version][b'D'][fingerprint: 32][flags: u8][expires, unix ms: u64 LE]
 //!            [status: u16 LE][header count: u16 LE]
-//!            { [name len: u16 LE][name][value len: u32 LE][value] } * header count
-//!            [body len: u64 LE][body: exactly body len bytes]
+//!            { [name len: varint][name][value len: varint][value] } * header count
+//!            [body len: varint][body: exactly body len bytes]
+//! ```
+//!
+//! A varint is LEB128: 7 bits a byte, low bits first, the high bit set on every byte but the
+//! last. Lengths under 128 take one byte, which keeps a small record in a smaller allocation
+//! class of Redis' allocator.
+//!
+//! ```text
 //! ```
 
 use std::fmt;
@@ -76,9 +83,13 @@ impl CompletedRecord {
         let headers: usize = self
             .headers
             .iter()
-            .map(|(name, value)| 2 + name.as_str().len() + 4 + value.len())
+            .map(|(name, value)| {
+                let (name, value) = (name.as_str().len(), value.len());
+                varint_len(name as u64) + name + varint_len(value as u64) + value
+            })
             .sum();
-        2 + 32 + 1 + 8 + 2 + 2 + headers + 8 + self.body.len()
+        let body = self.body.len();
+        2 + 32 + 1 + 8 + 2 + 2 + headers + varint_len(body as u64) + body
     }
 
     /// Encodes the record in the crate's versioned binary format.
@@ -100,12 +111,12 @@ impl CompletedRecord {
         out.extend_from_slice(&count.to_le_bytes());
         for (name, value) in self.headers.iter().take(usize::from(count)) {
             let name = name.as_str().as_bytes();
-            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            put_varint(&mut out, name.len() as u64);
             out.extend_from_slice(name);
-            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            put_varint(&mut out, value.len() as u64);
             out.extend_from_slice(value.as_bytes());
         }
-        out.extend_from_slice(&(self.body.len() as u64).to_le_bytes());
+        put_varint(&mut out, self.body.len() as u64);
         out.extend_from_slice(&self.body);
         out
     }
@@ -126,17 +137,17 @@ impl CompletedRecord {
         let status =
             StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("invalid status code"))?;
         let count = r.u16()?;
-        // Each header takes at least 6 bytes; a count the remaining bytes cannot hold is corrupt
-        // (and must not size an allocation).
-        if usize::from(count) * 6 > bytes.len() - r.pos {
+        // Each header takes at least 3 bytes (two lengths and a one-byte name); a count the
+        // remaining bytes cannot hold is corrupt.
+        if usize::from(count) * 3 > bytes.len() - r.pos {
             return Err(DecodeError("header count larger than the record"));
         }
         let mut headers = HeaderMap::new();
         for _ in 0..count {
-            let len = usize::from(r.u16()?);
+            let len = r.len()?;
             let name = HeaderName::from_bytes(r.take(len)?)
                 .map_err(|_| DecodeError("invalid header name"))?;
-            let len = r.u32()? as usize;
+            let len = r.len()?;
             let value = HeaderValue::from_bytes(r.take(len)?)
                 .map_err(|_| DecodeError("invalid header value"))?;
             headers
@@ -145,8 +156,8 @@ impl CompletedRecord {
         }
         // The body length is stored, so a record cut short (or padded) anywhere is refused
         // rather than replayed with a partial body.
-        let body_len = r.u64()?;
-        if usize::try_from(body_len).ok() != Some(bytes.len() - r.pos) {
+        let body_len = r.len()?;
+        if body_len != bytes.len() - r.pos {
             return Err(DecodeError("body length does not match the record"));
         }
         let body = bytes.slice(r.pos..);
@@ -253,6 +264,18 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn varint_len(n: u64) -> usize {
+    (64 - n.max(1).leading_zeros() as usize).div_ceil(7)
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -284,12 +307,24 @@ impl<'a> Reader<'a> {
         self.array().map(u16::from_le_bytes)
     }
 
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        self.array().map(u32::from_le_bytes)
-    }
-
     fn u64(&mut self) -> Result<u64, DecodeError> {
         self.array().map(u64::from_le_bytes)
+    }
+
+    /// A varint length, which must fit in what is left of the record.
+    fn len(&mut self) -> Result<usize, DecodeError> {
+        let mut n: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            n |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return usize::try_from(n)
+                    .ok()
+                    .filter(|&n| n <= self.buf.len() - self.pos)
+                    .ok_or(DecodeError("length beyond the end of the record"));
+            }
+        }
+        Err(DecodeError("varint too long"))
     }
 
     fn header(&mut self, kind: u8) -> Result<(), DecodeError> {
@@ -362,6 +397,26 @@ mod tests {
     }
 
     #[test]
+    fn many_small_headers_round_trip() {
+        let mut headers = HeaderMap::new();
+        for i in 0..1000 {
+            headers.insert(
+                HeaderName::try_from(format!("h{i}")).unwrap(),
+                HeaderValue::from_static(""),
+            );
+        }
+        let rec = CompletedRecord::new(
+            Fingerprint([1; 32]),
+            StatusCode::OK,
+            headers,
+            Bytes::new(),
+            false,
+        );
+        let back = CompletedRecord::decode(Bytes::from(rec.encode())).unwrap();
+        assert_eq!(back, rec);
+    }
+
+    #[test]
     fn completed_round_trip() {
         let rec = sample();
         let bytes = rec.encode();
@@ -404,6 +459,52 @@ mod tests {
     }
 
     #[test]
+    fn varints_round_trip_and_size() {
+        for n in [
+            0u64,
+            1,
+            127,
+            128,
+            300,
+            16_383,
+            16_384,
+            u32::MAX as u64,
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            put_varint(&mut out, n);
+            assert_eq!(out.len(), varint_len(n), "{n}");
+            out.extend_from_slice(&[0; 16]);
+            let mut r = Reader { buf: &out, pos: 0 };
+            let mut got: u64 = 0;
+            for shift in (0..64).step_by(7) {
+                let byte = r.u8().unwrap();
+                got |= u64::from(byte & 0x7f) << shift;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+            }
+            assert_eq!(got, n);
+        }
+        // A length past the end of the record is refused.
+        let mut r = Reader {
+            buf: &[5, 1, 2],
+            pos: 0,
+        };
+        assert!(r.len().is_err());
+        let mut r = Reader {
+            buf: &[2, 1, 2],
+            pos: 0,
+        };
+        assert_eq!(r.len(), Ok(2));
+        let mut r = Reader {
+            buf: &[0xff; 11],
+            pos: 0,
+        };
+        assert!(r.len().is_err());
+    }
+
+    #[test]
     fn huge_header_counts_are_an_error_not_a_panic() {
         // 65535 headers of empty name: invalid names, and more headers than a HeaderMap holds.
         let mut bytes = sample().encode();
@@ -414,9 +515,9 @@ mod tests {
         bytes.extend_from_slice(&40_000u16.to_le_bytes());
         for i in 0..40_000 {
             let name = format!("h{i}");
-            bytes.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            put_varint(&mut bytes, name.len() as u64);
             bytes.extend_from_slice(name.as_bytes());
-            bytes.extend_from_slice(&0u32.to_le_bytes());
+            put_varint(&mut bytes, 0);
         }
         assert!(CompletedRecord::decode(Bytes::from(bytes)).is_err());
     }
