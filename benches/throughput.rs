@@ -112,10 +112,11 @@ enum Variant {
     BaselineFirst,
     BaselineReplay,
     BaselineFenced,
+    CachedReplay,
 }
 
 impl Variant {
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 8] = [
         Self::Plain,
         Self::Memory,
         Self::RedisFirst,
@@ -123,6 +124,7 @@ impl Variant {
         Self::BaselineFirst,
         Self::BaselineReplay,
         Self::BaselineFenced,
+        Self::CachedReplay,
     ];
 
     fn name(self) -> &'static str {
@@ -134,6 +136,7 @@ impl Variant {
             Self::BaselineFirst => "baseline-first",
             Self::BaselineReplay => "baseline-replay",
             Self::BaselineFenced => "baseline-fenced",
+            Self::CachedReplay => "cached-replay",
         }
     }
 
@@ -146,12 +149,16 @@ impl Variant {
             Self::BaselineFirst => "5a SET NX + SET (by hand)",
             Self::BaselineReplay => "5b GET (by hand)",
             Self::BaselineFenced => "5c SET NX GET + EVALSHA (by hand)",
+            Self::CachedReplay => "6  layer + RedisStore + LocalCache, replay",
         }
     }
 
     /// Whether every request carries the same key (replays) rather than a new one.
     fn repeats_key(self) -> bool {
-        matches!(self, Self::RedisReplay | Self::BaselineReplay)
+        matches!(
+            self,
+            Self::RedisReplay | Self::BaselineReplay | Self::CachedReplay
+        )
     }
 
     fn uses_redis(self) -> bool {
@@ -340,6 +347,11 @@ async fn router_for(variant: Variant, url: &str, response: Bytes) -> Router {
         Variant::RedisFirst | Variant::RedisReplay => {
             let store = redis_store(url, &format!("idem-{}:", variant.name())).await;
             handler_router(response).route_layer(IdempotencyLayer::new(store))
+        }
+        Variant::CachedReplay => {
+            let store = redis_store(url, &format!("idem-{}:", variant.name())).await;
+            let cache = tower_idempotency::LocalCache::new(10_000, 64 << 20);
+            handler_router(response).route_layer(IdempotencyLayer::new(store).local_cache(cache))
         }
         Variant::BaselineFirst | Variant::BaselineReplay | Variant::BaselineFenced => {
             let state = Baseline {
@@ -776,7 +788,7 @@ fn main() {
     // round and each group's order flips, so a change in the machine's load between two
     // measurements falls on both sides of a ratio alike.
     let groups: Vec<Vec<(Variant, SocketAddr)>> = [
-        &[Variant::Plain, Variant::Memory][..],
+        &[Variant::Plain, Variant::Memory, Variant::CachedReplay][..],
         &[
             Variant::RedisFirst,
             Variant::BaselineFirst,
@@ -878,6 +890,12 @@ fn print_table(totals: &BTreeMap<Variant, Totals>) {
         (
             "2 / 1   MemoryStore vs no layer",
             Variant::Memory,
+            Variant::Plain,
+            0.9,
+        ),
+        (
+            "6 / 1   cached replay vs no layer",
+            Variant::CachedReplay,
             Variant::Plain,
             0.9,
         ),

@@ -18,7 +18,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ 
 mem=$(grep MemTotal /proc/meminfo 2>/dev/null | awk '{printf "%.1f GiB", $2 / 1048576}' || true)
 echo "machine: $(nproc) cores, ${cpu:-unknown CPU}, ${mem:-unknown memory}, $("${REDIS_SERVER:-redis-server}" --version | cut -d' ' -f1-3)"
 
-cargo bench --locked --bench throughput
+cargo bench --locked --all-features --bench throughput
 if [ "${1:-}" = "--all" ]; then
     cargo bench --locked --bench micro
     cargo bench --locked --bench layer
