@@ -425,17 +425,7 @@ impl RedisCluster {
 
     /// The keys of node `port` that start with `prefix` (SCAN on that node only).
     pub fn keys_on(&self, port: u16, prefix: &str) -> Vec<String> {
-        let mut conn = self.connection(port);
-        let iter: redis::Iter<'_, String> = redis::cmd("SCAN")
-            .cursor_arg(0)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .clone()
-            .iter(&mut conn)
-            .expect("SCAN");
-        iter.collect::<Result<_, _>>().expect("SCAN")
+        super::scan_prefix(&mut self.connection(port), prefix)
     }
 
     /// Makes sure every write master `port` acknowledged so far reached a replica: writes a marker

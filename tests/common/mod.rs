@@ -180,23 +180,30 @@ impl TestRedis {
 
     /// The keys under `prefix` (SCAN, never KEYS: the server may be shared).
     pub fn keys(&self, prefix: &str) -> Vec<String> {
-        let mut conn = self.client().get_connection().expect("connect");
-        let iter: redis::Iter<'_, String> = redis::cmd("SCAN")
-            .cursor_arg(0)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .clone()
-            .iter(&mut conn)
-            .expect("scan");
-        iter.collect::<Result<_, _>>().expect("scan")
+        scan_prefix(
+            &mut self.client().get_connection().expect("connect"),
+            prefix,
+        )
     }
 
     /// Number of keys under `prefix`.
     pub fn count_keys(&self, prefix: &str) -> usize {
         self.keys(prefix).len()
     }
+}
+
+/// The keys under `prefix` on one connection's server (SCAN, never KEYS).
+pub fn scan_prefix(conn: &mut redis::Connection, prefix: &str) -> Vec<String> {
+    let iter: redis::Iter<'_, String> = redis::cmd("SCAN")
+        .cursor_arg(0)
+        .arg("MATCH")
+        .arg(format!("{prefix}*"))
+        .arg("COUNT")
+        .arg(1000)
+        .clone()
+        .iter(conn)
+        .expect("SCAN");
+    iter.collect::<Result<_, _>>().expect("SCAN")
 }
 
 /// A key prefix no other test (or earlier run against the same REDIS_URL) uses.
