@@ -17,15 +17,12 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
-use axum::response::Response;
 use axum::routing::post;
-use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tower::ServiceExt;
 use tower_idempotency::{IdempotencyKey, IdempotencyLayer, IdempotencyStore, RedisStore};
 
-use common::backend::Backend;
+use common::backend::{Backend, send};
 use common::{TestRedis, bounded, unique_prefix};
 
 /// The request body limit of every layer here.
@@ -77,41 +74,6 @@ fn tenant_scope<St>(layer: IdempotencyLayer<St>) -> IdempotencyLayer<St> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     })
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn replayed(&self) -> bool {
-        self.headers
-            .get("idempotent-replayed")
-            .is_some_and(|v| v == "true")
-    }
-}
-
-async fn send(app: &Router, req: Request<Body>) -> Reply {
-    let response: Response = bounded(
-        Duration::from_secs(10),
-        "a request",
-        app.clone().oneshot(req),
-    )
-    .await
-    .unwrap();
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
 }
 
 /// Asserts a problem+json answer with `status` whose type names `kind`.

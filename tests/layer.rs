@@ -10,13 +10,11 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::Path;
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::post;
-use http_body_util::BodyExt;
-use tower::ServiceExt;
 use tower_idempotency::{IdempotencyKey, IdempotencyLayer, IdempotencyStore};
 
-use common::backend::Backend;
+use common::backend::{Backend, send};
 
 both_stores!(
     first_delivery_runs_once_and_replays_identically,
@@ -144,50 +142,6 @@ fn post_req(path: &str, key: Option<&str>, body: &'static str) -> Request<Body> 
         req = req.header("idempotency-key", key);
     }
     req.body(Body::from(body)).unwrap()
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn replayed(&self) -> bool {
-        self.headers
-            .get("idempotent-replayed")
-            .is_some_and(|v| v == "true")
-    }
-
-    fn problem(&self) -> serde_json::Value {
-        assert_eq!(
-            self.headers[header::CONTENT_TYPE],
-            "application/problem+json",
-            "{}",
-            self.text()
-        );
-        let json: serde_json::Value = serde_json::from_slice(&self.body).unwrap();
-        assert_eq!(json["status"], self.status.as_u16());
-        for field in ["type", "title", "detail"] {
-            assert!(json[field].is_string(), "problem lacks {field}: {json}");
-        }
-        json
-    }
-}
-
-async fn send(app: &Router, req: Request<Body>) -> Reply {
-    let response: Response = app.clone().oneshot(req).await.unwrap();
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
 }
 
 async fn first_delivery_runs_once_and_replays_identically<St: IdempotencyStore>(b: Backend<St>) {

@@ -1,10 +1,17 @@
-//! Running one test body against both stores.
+//! Running one test body against both stores, and reading the answers.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Request, StatusCode, header};
+use axum::response::Response;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
 use tower_idempotency::{MemoryStore, RedisStore};
 
-use super::{TestRedis, unique_prefix};
+use super::{TestRedis, bounded, unique_prefix};
 
 /// A store under test and a way to count the entries it holds.
 pub struct Backend<St> {
@@ -61,4 +68,57 @@ macro_rules! both_stores {
             )*
         }
     };
+}
+
+/// A response read whole.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+
+    /// Asserts a problem+json body consistent with the status, and returns it.
+    pub fn problem(&self) -> serde_json::Value {
+        assert_eq!(
+            self.headers[header::CONTENT_TYPE],
+            "application/problem+json",
+            "{}",
+            self.text()
+        );
+        let json: serde_json::Value = serde_json::from_slice(&self.body).unwrap();
+        assert_eq!(json["status"], self.status.as_u16());
+        for field in ["type", "title", "detail"] {
+            assert!(json[field].is_string(), "problem lacks {field}: {json}");
+        }
+        json
+    }
+}
+
+/// Sends `req` through `app` (within 10 s) and reads the whole response.
+pub async fn send(app: &Router, req: Request<Body>) -> Reply {
+    let response: Response = bounded(
+        Duration::from_secs(10),
+        "a request",
+        app.clone().oneshot(req),
+    )
+    .await
+    .unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
