@@ -121,6 +121,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod body;
 #[cfg(feature = "cache")]
 mod cache;
 #[cfg(feature = "axum")]

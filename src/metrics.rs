@@ -11,25 +11,73 @@
 //! | `idempotency_cache_hits_total` | counter | |
 //! | `idempotency_cache_misses_total` | counter | |
 
-use std::time::Duration;
-
+/// Calls `$mac!` with `$value` as a literal label value, so the metric's key is a `static`
+/// (no allocation per call): the `metrics` macros build keys with non-literal labels at run time.
 #[cfg(feature = "metrics")]
-pub(crate) fn outcome(outcome: &'static str) {
-    metrics::counter!("idempotency_requests_total", "outcome" => outcome).increment(1);
+macro_rules! with_static_label {
+    ($value:expr, [$($known:literal),*], $mac:ident!($name:literal, $label:literal).$method:ident $args:tt) => {
+        match $value {
+            $($known => metrics::$mac!($name, $label => $known).$method $args,)*
+            other => metrics::$mac!($name, $label => other).$method $args,
+        }
+    };
 }
 
-#[cfg(feature = "metrics")]
-pub(crate) fn store_op(op: &'static str, elapsed: Duration, ok: bool) {
-    metrics::histogram!("idempotency_store_duration_seconds", "op" => op)
-        .record(elapsed.as_secs_f64());
-    if !ok {
-        metrics::counter!("idempotency_store_errors_total", "op" => op).increment(1);
+/// A point in time for a duration metric; free (no clock read) without the `metrics` feature.
+#[derive(Clone, Copy)]
+pub(crate) struct Started(#[cfg(feature = "metrics")] std::time::Instant);
+
+impl Started {
+    pub(crate) fn now() -> Self {
+        Self(
+            #[cfg(feature = "metrics")]
+            std::time::Instant::now(),
+        )
+    }
+
+    #[cfg(feature = "metrics")]
+    fn seconds(self) -> f64 {
+        self.0.elapsed().as_secs_f64()
     }
 }
 
 #[cfg(feature = "metrics")]
-pub(crate) fn handler(elapsed: Duration) {
-    metrics::histogram!("idempotency_handler_duration_seconds").record(elapsed.as_secs_f64());
+pub(crate) fn outcome(outcome: &'static str) {
+    with_static_label!(
+        outcome,
+        [
+            "acquired",
+            "replayed",
+            "in_flight",
+            "mismatch",
+            "rejected",
+            "store_error",
+            "fail_open"
+        ],
+        counter!("idempotency_requests_total", "outcome").increment(1)
+    );
+}
+
+#[cfg(feature = "metrics")]
+pub(crate) fn store_op(op: &'static str, started: Started, ok: bool) {
+    let seconds = started.seconds();
+    with_static_label!(
+        op,
+        ["claim", "renew", "complete", "release"],
+        histogram!("idempotency_store_duration_seconds", "op").record(seconds)
+    );
+    if !ok {
+        with_static_label!(
+            op,
+            ["claim", "renew", "complete", "release"],
+            counter!("idempotency_store_errors_total", "op").increment(1)
+        );
+    }
+}
+
+#[cfg(feature = "metrics")]
+pub(crate) fn handler(started: Started) {
+    metrics::histogram!("idempotency_handler_duration_seconds").record(started.seconds());
 }
 
 #[cfg(feature = "metrics")]
@@ -41,10 +89,10 @@ pub(crate) fn count(name: &'static str) {
 pub(crate) fn outcome(_: &'static str) {}
 
 #[cfg(not(feature = "metrics"))]
-pub(crate) fn store_op(_: &'static str, _: Duration, _: bool) {}
+pub(crate) fn store_op(_: &'static str, _: Started, _: bool) {}
 
 #[cfg(not(feature = "metrics"))]
-pub(crate) fn handler(_: Duration) {}
+pub(crate) fn handler(_: Started) {}
 
 #[cfg(not(feature = "metrics"))]
 pub(crate) fn count(_: &'static str) {}

@@ -11,11 +11,11 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{HeaderValue, Method, Request, Response, header, request};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower_service::Service;
 use tracing::{Instrument, Span};
 
-use crate::fingerprint::Fingerprint;
+use crate::body::{ReadError, read_to_bytes};
+use crate::fingerprint::{Fingerprint, digest_fields};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::Config;
 use crate::metrics;
@@ -278,23 +278,19 @@ fn route(parts: &request::Parts) -> &str {
 /// idempotency key, each length-prefixed. Fixed-size, so a store key never grows with the input,
 /// and free of the raw key.
 fn scoped_key(parts: &request::Parts, config: &Config, key: &IdempotencyKey) -> String {
-    let route = route(parts);
-    let mut hasher = blake3::Hasher::new();
-    let mut field = |bytes: &[u8]| {
-        hasher.update(&(bytes.len() as u64).to_le_bytes());
-        hasher.update(bytes);
+    let route = route(parts).as_bytes();
+    let namespace = config.namespace.as_deref().unwrap_or("").as_bytes();
+    let caller = config.scope.as_ref().and_then(|f| f(parts));
+    let digest = match &caller {
+        Some(caller) => digest_fields(&[
+            route,
+            namespace,
+            b"\x01",
+            caller.as_bytes(),
+            key.as_str().as_bytes(),
+        ]),
+        None => digest_fields(&[route, namespace, b"\x00", key.as_str().as_bytes()]),
     };
-    field(route.as_bytes());
-    field(config.namespace.as_deref().unwrap_or("").as_bytes());
-    match config.scope.as_ref().and_then(|f| f(parts)) {
-        Some(caller) => {
-            field(b"\x01");
-            field(caller.as_bytes());
-        }
-        None => field(b"\x00"),
-    }
-    field(key.as_str().as_bytes());
-    let digest = hasher.finalize();
     let mut out = String::with_capacity(32);
     for b in &digest.as_bytes()[..16] {
         out.push(char::from(HEX[usize::from(b >> 4)]));
@@ -316,17 +312,32 @@ struct Ctx<St> {
 
 impl<St: IdempotencyStore> Ctx<St> {
     /// Runs store operation `name` within the store timeout, and measures it.
+    ///
+    /// The operation is polled once before any timer exists: a store that answers at once (the
+    /// in-memory one, a cache) costs no timer registration and no clock read.
     async fn with_timeout<T>(
         &self,
         name: &'static str,
         op: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let started = Instant::now();
-        let result = match tokio::time::timeout(self.config.store_timeout, op).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout),
-        };
-        metrics::store_op(name, started.elapsed(), result.is_ok());
+        let started = metrics::Started::now();
+        let timeout = self.config.store_timeout;
+        let mut op = std::pin::pin!(op);
+        let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+        let result = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = op.as_mut().poll(cx) {
+                return Poll::Ready(result);
+            }
+            if timer.is_none() {
+                timer.set(Some(tokio::time::sleep(timeout)));
+            }
+            match timer.as_mut().as_pin_mut() {
+                Some(timer) => timer.poll(cx).map(|()| Err(StoreError::Timeout)),
+                None => Poll::Pending,
+            }
+        })
+        .await;
+        metrics::store_op(name, started, result.is_ok());
         result
     }
 
@@ -488,12 +499,12 @@ where
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
-    let started = Instant::now();
+    let started = debug_clock();
     let limit = ctx.config.max_request_body;
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.is::<LengthLimitError>() => return Ok(ctx.reject(too_large(limit))),
-        Err(err) => {
+    let body = match read_to_bytes(body, limit).await {
+        Ok(body) => body,
+        Err(ReadError::TooLarge) => return Ok(ctx.reject(too_large(limit))),
+        Err(ReadError::Failed(err)) => {
             let detail = format!("the request body could not be read: {err}");
             return Ok(ctx.reject(Rejection::new(RejectionKind::BodyUnreadable, detail)));
         }
@@ -532,7 +543,9 @@ where
     }
 
     let mut claim = ctx.claim(&lock).await;
-    tracing::debug!(claim_ms = started.elapsed().as_secs_f64() * 1e3, "claimed");
+    if let Some(started) = started {
+        tracing::debug!(claim_ms = millis_since(started), "claimed");
+    }
     if matches!(&claim, Ok(Claim::InFlight { fingerprint: holder, .. }) if *holder == fingerprint)
         && !ctx.config.wait_in_flight.is_zero()
     {
@@ -617,11 +630,12 @@ where
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
-    let started = Instant::now();
+    let started = metrics::Started::now();
+    let debug_started = debug_clock();
     let handler = AssertUnwindSafe(async move {
         let response = inner.call(req).await?;
         let (parts, body) = response.into_parts();
-        let body = body.collect().await.map_err(Into::<BoxError>::into);
+        let body = read_to_bytes(body, usize::MAX).await;
         Ok::<_, S::Error>((parts, body))
     })
     .catch_unwind();
@@ -635,11 +649,10 @@ where
             () = &mut renewal => unreachable!("renewal never ends"),
         }
     };
-    metrics::handler(started.elapsed());
-    tracing::debug!(
-        handler_ms = started.elapsed().as_secs_f64() * 1e3,
-        "handler finished"
-    );
+    metrics::handler(started);
+    if let Some(started) = debug_started {
+        tracing::debug!(handler_ms = millis_since(started), "handler finished");
+    }
     let failed = "the request handler failed; the request may be retried";
     match outcome {
         Err(_panic) => {
@@ -652,12 +665,15 @@ where
             Err(err)
         }
         Ok(Ok((parts, Err(err)))) => {
+            let err = match err {
+                ReadError::Failed(err) => err,
+                ReadError::TooLarge => "the response body is larger than memory allows".into(),
+            };
             tracing::error!(status = %parts.status, error = %err, "response body failed; claim released");
             ctx.release(&lock).await;
             Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
         }
-        Ok(Ok((parts, Ok(collected)))) => {
-            let body = collected.to_bytes();
+        Ok(Ok((parts, Ok(body)))) => {
             if (ctx.config.store_response)(&parts) {
                 ctx.complete(&lock, &parts, &body).await;
             } else {
@@ -707,6 +723,15 @@ impl<T: Send + 'static> Drop for DetachOnDrop<T> {
             });
         }
     }
+}
+
+/// The time now if debug events are on (they carry durations), else nothing: no clock read.
+fn debug_clock() -> Option<Instant> {
+    tracing::enabled!(tracing::Level::DEBUG).then(Instant::now)
+}
+
+fn millis_since(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64() * 1e3
 }
 
 fn unix_ms() -> u64 {
