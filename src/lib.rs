@@ -150,5 +150,5 @@ pub use service::{IDEMPOTENT_REPLAYED, Idempotency, ResponseFuture};
 pub use source::KeySource;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
-pub use store::redis::RedisStore;
+pub use store::redis::{Fencing, RedisStore};
 pub use store::{Claim, IdempotencyStore, Lock, StoreError};

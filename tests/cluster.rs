@@ -104,6 +104,7 @@ conformance!(
     release_frees_key,
     renew_keeps_key,
     lapsed_lease_is_fenced,
+    stale_note_still_owns,
     record_ttl,
     bodies_round_trip,
     keys_are_independent,

@@ -14,7 +14,7 @@ mod conformance;
 use std::time::Duration;
 
 use http::StatusCode;
-use tower_idempotency::{IdempotencyStore, Lock, MemoryStore, RedisStore, StoreError};
+use tower_idempotency::{Fencing, IdempotencyStore, Lock, MemoryStore, RedisStore, StoreError};
 
 use common::{TestRedis, unique_prefix};
 use conformance::*;
@@ -46,6 +46,16 @@ async fn redis_script(test: &str) -> (Option<TestRedis>, RedisStore) {
     (Some(redis), store)
 }
 
+async fn redis_script_fence(test: &str) -> (Option<TestRedis>, RedisStore) {
+    let redis = TestRedis::get();
+    let store = RedisStore::new(redis.client())
+        .await
+        .unwrap()
+        .key_prefix(unique_prefix(test))
+        .fence_with_script(true);
+    (Some(redis), store)
+}
+
 /// Two stores on the same prefix: one claiming natively, one with the Lua script.
 async fn native_and_script(redis: &TestRedis, prefix: &str) -> (RedisStore, RedisStore) {
     let store = || async {
@@ -66,6 +76,7 @@ macro_rules! conformance {
             release_frees_key,
             renew_keeps_key,
             lapsed_lease_is_fenced,
+            stale_note_still_owns,
             record_ttl,
             bodies_round_trip,
             keys_are_independent,
@@ -90,6 +101,7 @@ macro_rules! conformance {
 conformance!(memory, super::memory_store);
 conformance!(redis_native_claim, super::redis_native);
 conformance!(redis_script_claim, super::redis_script);
+conformance!(redis_script_fence, super::redis_script_fence);
 
 // ---------------------------------------------------------------------------------------------
 // Redis only.
@@ -247,6 +259,90 @@ async fn redis_native_and_script_claims_interoperate() {
         expect_acquired(second, &key, &lock, LONG, &what).await;
         let (holder, _) = expect_in_flight(first, &key, &what).await;
         assert_eq!(holder, fp(6), "{what}");
+    }
+}
+
+/// Whether the server has `SET .. IFEQ`: Redis 8.4 and later, Valkey 8.1 and later (Valkey
+/// reports a frozen `redis_version` and its own `valkey_version`).
+fn server_has_set_ifeq(info: &str) -> (bool, String) {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    };
+    let parse = |v: &str| -> (u32, u32) {
+        let mut parts = v.split('.').map(|p| p.parse().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    };
+    match (field("valkey_version"), field("redis_version")) {
+        (Some(valkey), _) => (parse(&valkey) >= (8, 1), format!("valkey {valkey}")),
+        (None, Some(redis)) => (parse(&redis) >= (8, 4), format!("redis {redis}")),
+        (None, None) => panic!("INFO server names no version:\n{info}"),
+    }
+}
+
+/// The store fences with the native `SET .. IFEQ` where the server has it and with the script
+/// elsewhere, deciding on its first renew or complete; stores fenced either way work on the same
+/// keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_fencing_follows_the_server() {
+    let redis = TestRedis::get();
+    let mut conn = connection(&redis).await;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (native_expected, server) = server_has_set_ifeq(&info);
+    let prefix = unique_prefix("fencing");
+    let auto = RedisStore::new(redis.client())
+        .await
+        .unwrap()
+        .key_prefix(prefix.clone());
+    let script = RedisStore::new(redis.client())
+        .await
+        .unwrap()
+        .key_prefix(prefix)
+        .fence_with_script(true);
+    assert_eq!(auto.fencing(), Fencing::Undecided);
+    assert_eq!(script.fencing(), Fencing::Script);
+
+    let lock = Lock::new(fp(7));
+    expect_acquired(&auto, "first", &lock, LONG, "claim").await;
+    let record = rich_record(fp(7), b"fenced");
+    assert!(auto.complete("first", &lock, &record, LONG).await.unwrap());
+    let want = if native_expected {
+        Fencing::Native
+    } else {
+        Fencing::Script
+    };
+    assert_eq!(auto.fencing(), want, "{server}");
+    assert_eq!(script.fencing(), Fencing::Script, "{server}");
+
+    for (name, first, second) in [
+        ("auto-script", &auto, &script),
+        ("script-auto", &script, &auto),
+    ] {
+        let key = format!("mixed-{name}");
+        let lock = Lock::new(fp(8));
+        expect_acquired(first, &key, &lock, LONG, name).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(
+            second.renew(&key, &lock, LONG).await.unwrap(),
+            "{name}: renew"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(
+            first.renew(&key, &lock, LONG).await.unwrap(),
+            "{name}: renew back"
+        );
+        let record = rich_record(fp(8), b"mixed");
+        assert!(
+            second.complete(&key, &lock, &record, LONG).await.unwrap(),
+            "{name}: complete"
+        );
+        let got = expect_completed(first, &key, name).await;
+        assert_record_eq(&got, &record, name);
     }
 }
 

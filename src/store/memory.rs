@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Claim, IdempotencyStore, Lock, StoreError};
+use crate::fingerprint::Fingerprint;
 use crate::record::CompletedRecord;
 
 /// An in-process [`IdempotencyStore`]: owners, leases and TTLs behave exactly as in
@@ -36,7 +37,8 @@ struct Inner {
 
 enum Entry {
     Running {
-        lock: Lock,
+        owner: [u8; 16],
+        fingerprint: Fingerprint,
         deadline: Instant,
     },
     Completed {
@@ -46,6 +48,14 @@ enum Entry {
 }
 
 impl Entry {
+    fn running(lock: &Lock, deadline: Instant) -> Self {
+        Self::Running {
+            owner: *lock.owner(),
+            fingerprint: *lock.fingerprint(),
+            deadline,
+        }
+    }
+
     fn expires(&self) -> Instant {
         match self {
             Self::Running { deadline, .. } => *deadline,
@@ -54,7 +64,7 @@ impl Entry {
     }
 
     fn is_owned_by(&self, lock: &Lock, now: Instant) -> bool {
-        matches!(self, Self::Running { lock: l, deadline } if l.owner() == lock.owner() && *deadline > now)
+        matches!(self, Self::Running { owner, deadline, .. } if owner == lock.owner() && *deadline > now)
     }
 }
 
@@ -127,20 +137,18 @@ impl IdempotencyStore for MemoryStore {
         inner.sweep_if_due(now);
         match inner.entries.get(key) {
             Some(Entry::Running {
-                lock: holder,
+                fingerprint,
                 deadline,
+                ..
             }) if *deadline > now => Ok(Claim::InFlight {
-                fingerprint: *holder.fingerprint(),
+                fingerprint: *fingerprint,
                 retry_after: *deadline - now,
             }),
             Some(Entry::Completed { record, expires }) if *expires > now => {
                 Ok(Claim::Completed(record.clone()))
             }
             _ => {
-                let entry = Entry::Running {
-                    lock: *lock,
-                    deadline: deadline(now, lease),
-                };
+                let entry = Entry::running(lock, deadline(now, lease));
                 inner.entries.insert(key.into(), entry);
                 Ok(Claim::Acquired)
             }
@@ -149,10 +157,7 @@ impl IdempotencyStore for MemoryStore {
 
     async fn renew(&self, key: &str, lock: &Lock, lease: Duration) -> Result<bool, StoreError> {
         let deadline = deadline(Instant::now(), lease);
-        Ok(self.replace_owned(key, lock, || Entry::Running {
-            lock: *lock,
-            deadline,
-        }))
+        Ok(self.replace_owned(key, lock, || Entry::running(lock, deadline)))
     }
 
     async fn complete(
@@ -186,7 +191,6 @@ impl IdempotencyStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fingerprint::Fingerprint;
 
     #[tokio::test(start_paused = true)]
     async fn expired_entries_are_swept() {

@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::fingerprint::Fingerprint;
@@ -22,10 +23,14 @@ pub mod memory;
 pub mod redis;
 
 /// One attempt's claim on a key: a random owner token and the request's fingerprint.
-#[derive(Clone, Copy, PartialEq, Eq)]
+///
+/// A lock also carries one number for the store's own use between its operations on the same
+/// attempt ([`Lock::store_note`]); the Redis store keeps there the deadline of the running record
+/// it last wrote, so that its next write can be fenced on that exact value.
 pub struct Lock {
     owner: [u8; 16],
     fingerprint: Fingerprint,
+    note: AtomicU64,
 }
 
 impl Lock {
@@ -34,6 +39,7 @@ impl Lock {
         Self {
             owner: owner_token(),
             fingerprint,
+            note: AtomicU64::new(0),
         }
     }
 
@@ -46,7 +52,38 @@ impl Lock {
     pub fn fingerprint(&self) -> &Fingerprint {
         &self.fingerprint
     }
+
+    /// The number a store last kept with this lock ([`Lock::set_store_note`]); `0` if none.
+    pub fn store_note(&self) -> u64 {
+        self.note.load(Ordering::Relaxed)
+    }
+
+    /// Keeps a number with this lock for the store's next operation on it. Stores must treat
+    /// the note as a hint: a lock may be used with another store, or the note may be stale.
+    pub fn set_store_note(&self, note: u64) {
+        self.note.store(note, Ordering::Relaxed);
+    }
 }
+
+impl Clone for Lock {
+    fn clone(&self) -> Self {
+        Self {
+            owner: self.owner,
+            fingerprint: self.fingerprint,
+            note: AtomicU64::new(self.store_note()),
+        }
+    }
+}
+
+/// Two locks are equal when they are the same attempt: same owner and fingerprint (the store
+/// note is not compared).
+impl PartialEq for Lock {
+    fn eq(&self, other: &Self) -> bool {
+        self.owner == other.owner && self.fingerprint == other.fingerprint
+    }
+}
+
+impl Eq for Lock {}
 
 impl fmt::Debug for Lock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -61,7 +98,6 @@ impl fmt::Debug for Lock {
 /// without a system call per request.
 fn owner_token() -> [u8; 16] {
     use std::sync::LazyLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
     static PROCESS: LazyLock<[u8; 8]> = LazyLock::new(|| {
         let mut seed = [0u8; 8];
         if getrandom::fill(&mut seed).is_err() {

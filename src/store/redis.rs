@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::LazyLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -49,13 +49,23 @@ pub const DEFAULT_KEY_PREFIX: &str = "idempotency:";
 /// | operation | command | round trips |
 /// |---|---|---|
 /// | claim | `SET key <running> NX PX <lease> GET` (native, Redis ≥ 7.0) | 1 |
-/// | renew, complete | `EVALSHA replace.lua` (owner check + `SET .. PX`) | 1 |
+/// | renew, complete | `SET key <value> IFEQ <running> PX <ttl>` (native, Redis ≥ 8.4), else `EVALSHA replace.lua` (owner check + `SET .. PX`) | 1 |
 /// | release | `EVALSHA release.lua` (owner check + `DEL`) | 1 |
 ///
 /// The claim needs no script: `SET .. NX GET` either writes the running record or returns the
 /// value already there, and the layer decides from it. A native command costs Redis a fraction of
 /// a script's CPU. On servers older than 7.0, which reject `NX` with `GET`, the store switches by
 /// itself to an equivalent script (`claim.lua`) the first time the server refuses the command.
+///
+/// Renew and complete are *fenced*: they write only over the running record of the same attempt.
+/// On Redis 8.4 and later (and Valkey 8.1 and later) that is the native compare-and-set
+/// `SET .. IFEQ`, compared against the exact running record this attempt last wrote (the lock
+/// remembers its deadline, see [`Lock::store_note`]); if that comparison fails, the store reads
+/// the value back and retries only when it is still this attempt's running record (a renewal
+/// whose reply was lost), so a lost reply never costs the key. On older servers the first renew
+/// or complete is refused with a syntax error and the store switches for good to `replace.lua`,
+/// which checks the owner token with `GETRANGE`; [`RedisStore::fencing`] tells which is in use.
+/// Release, which only runs when a handler failed, always uses its script.
 ///
 /// A first delivery therefore costs two round trips (claim, complete), a replay or a conflict one.
 ///
@@ -70,6 +80,32 @@ pub struct RedisStore<C = ConnectionManager> {
     conn: C,
     prefix: Arc<str>,
     claim_script: Arc<AtomicBool>,
+    fencing: Arc<AtomicU8>,
+}
+
+/// How a [`RedisStore`] fences renew and complete, so that an attempt that lost its lease
+/// cannot overwrite the entry of another ([`RedisStore::fencing`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fencing {
+    /// Not decided yet: the first renew or complete tries the native command.
+    Undecided,
+    /// Native compare-and-set, `SET key <value> IFEQ <running record> PX <ttl>` (Redis 8.4 and
+    /// later): one command that costs Redis about what a plain `SET` does.
+    Native,
+    /// The `replace.lua` script (`EVALSHA`): for servers without `SET .. IFEQ`, or when chosen
+    /// with [`RedisStore::fence_with_script`].
+    Script,
+}
+
+impl Fencing {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Native,
+            2 => Self::Script,
+            _ => Self::Undecided,
+        }
+    }
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
@@ -77,6 +113,10 @@ impl<C> std::fmt::Debug for RedisStore<C> {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
             .field("claim_script", &self.claim_script.load(Ordering::Relaxed))
+            .field(
+                "fencing",
+                &Fencing::from_u8(self.fencing.load(Ordering::Relaxed)),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -132,6 +172,7 @@ where
             conn,
             prefix: DEFAULT_KEY_PREFIX.into(),
             claim_script: Arc::new(AtomicBool::new(false)),
+            fencing: Arc::new(AtomicU8::new(Fencing::Undecided as u8)),
         }
     }
 
@@ -151,6 +192,27 @@ where
     pub fn claim_with_script(self, enabled: bool) -> Self {
         self.claim_script.store(enabled, Ordering::Relaxed);
         self
+    }
+
+    /// Fences renew and complete with `replace.lua` even where the server has `SET .. IFEQ`
+    /// (`true`), or lets the store decide from the server (`false`): it tries the native command
+    /// first and switches to the script for good the first time the server rejects it.
+    ///
+    /// Defaults to `false`.
+    pub fn fence_with_script(self, enabled: bool) -> Self {
+        let mode = if enabled {
+            Fencing::Script
+        } else {
+            Fencing::Undecided
+        };
+        self.fencing.store(mode as u8, Ordering::Relaxed);
+        self
+    }
+
+    /// How renew and complete are fenced: decided by the first such operation unless set with
+    /// [`RedisStore::fence_with_script`].
+    pub fn fencing(&self) -> Fencing {
+        Fencing::from_u8(self.fencing.load(Ordering::Relaxed))
     }
 
     /// The Redis key holding the entry for the layer's scoped `key`.
@@ -220,6 +282,90 @@ where
     }
 }
 
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Replaces the running record `lock` owns at `key` with `value`, kept for `ttl_ms`: natively
+    /// where the server supports it, else with the script. Returns whether `lock` still owned it.
+    async fn replace(
+        &self,
+        key: &str,
+        lock: &Lock,
+        value: &[u8],
+        ttl_ms: u64,
+    ) -> Result<bool, RedisError> {
+        if self.fencing() != Fencing::Script {
+            match self.replace_native(key, lock, value, ttl_ms).await {
+                Err(err) if err.code() == Some("ERR") && err.to_string().contains("syntax") => {
+                    tracing::info!(
+                        "Redis does not support SET .. IFEQ (server older than 8.4); \
+                         fencing with a script from now on"
+                    );
+                    self.fencing.store(Fencing::Script as u8, Ordering::Relaxed);
+                }
+                Ok(replaced) => {
+                    self.fencing.store(Fencing::Native as u8, Ordering::Relaxed);
+                    return Ok(replaced);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        let prefix = RunningRecord::owner_prefix(lock.owner());
+        let ttl = ttl_ms.to_string();
+        self.eval(&REPLACE, key, &[&prefix, value, ttl.as_bytes()])
+            .await
+    }
+
+    /// `SET key <value> IFEQ <running record> PX <ttl>`, the running record being the one this
+    /// lock last wrote (its deadline is the lock's store note). If the value there differs (a
+    /// renewal whose reply was lost wrote a later deadline, or the lease lapsed), the record is
+    /// read back: when it is still this lock's running record the write is retried on that exact
+    /// value, otherwise the lock has lost the key.
+    async fn replace_native(
+        &self,
+        key: &str,
+        lock: &Lock,
+        value: &[u8],
+        ttl_ms: u64,
+    ) -> Result<bool, RedisError> {
+        let mut expected = match lock.store_note() {
+            0 => None,
+            deadline_ms => Some(running_record_at(lock, deadline_ms).to_vec()),
+        };
+        for _ in 0..3 {
+            let current = match expected.take() {
+                Some(current) => current,
+                None => {
+                    let current: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key)).await?;
+                    match current {
+                        Some(v) if is_running_record_of(&v, lock) => v,
+                        _ => return Ok(false),
+                    }
+                }
+            };
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key)
+                .arg(value)
+                .arg("IFEQ")
+                .arg(current)
+                .arg("PX")
+                .arg(ttl_ms);
+            let reply: redis::Value = self.query(&cmd).await?;
+            if !matches!(reply, redis::Value::Nil) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Whether `value` is a running record written for `lock`.
+fn is_running_record_of(value: &[u8], lock: &Lock) -> bool {
+    value.len() == RunningRecord::LEN
+        && value.starts_with(&RunningRecord::owner_prefix(lock.owner()))
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -235,11 +381,17 @@ fn millis(d: Duration) -> u64 {
         .clamp(1, MAX_MS)
 }
 
-fn running_record(lock: &Lock, lease: Duration) -> [u8; RunningRecord::LEN] {
+/// The running record of `lock` with a deadline `lease` from now, and that deadline.
+fn running_record(lock: &Lock, lease: Duration) -> ([u8; RunningRecord::LEN], u64) {
+    let deadline_ms = now_ms().saturating_add(millis(lease)).max(1);
+    (running_record_at(lock, deadline_ms), deadline_ms)
+}
+
+fn running_record_at(lock: &Lock, deadline_ms: u64) -> [u8; RunningRecord::LEN] {
     RunningRecord {
         owner: *lock.owner(),
         fingerprint: *lock.fingerprint(),
-        deadline_ms: now_ms().saturating_add(millis(lease)),
+        deadline_ms,
     }
     .encode()
 }
@@ -250,12 +402,13 @@ where
 {
     async fn claim(&self, key: &str, lock: &Lock, lease: Duration) -> Result<Claim, StoreError> {
         let key = self.redis_key(key);
-        let running = running_record(lock, lease);
+        let (running, deadline_ms) = running_record(lock, lease);
         let existing = self
             .claim_value(&key, &running, millis(lease))
             .await
             .map_err(StoreError::backend)?;
         let Some(existing) = existing else {
+            lock.set_store_note(deadline_ms);
             return Ok(Claim::Acquired);
         };
         match Stored::decode(existing)? {
@@ -269,12 +422,15 @@ where
 
     async fn renew(&self, key: &str, lock: &Lock, lease: Duration) -> Result<bool, StoreError> {
         let key = self.redis_key(key);
-        let prefix = RunningRecord::owner_prefix(lock.owner());
-        let running = running_record(lock, lease);
-        let ttl = millis(lease).to_string();
-        self.eval(&REPLACE, &key, &[&prefix, &running, ttl.as_bytes()])
+        let (running, deadline_ms) = running_record(lock, lease);
+        let renewed = self
+            .replace(&key, lock, &running, millis(lease))
             .await
-            .map_err(StoreError::backend)
+            .map_err(StoreError::backend)?;
+        if renewed {
+            lock.set_store_note(deadline_ms);
+        }
+        Ok(renewed)
     }
 
     async fn complete(
@@ -285,10 +441,8 @@ where
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let key = self.redis_key(key);
-        let prefix = RunningRecord::owner_prefix(lock.owner());
         let value = record.encode();
-        let ttl = millis(ttl).to_string();
-        self.eval(&REPLACE, &key, &[&prefix, &value, ttl.as_bytes()])
+        self.replace(&key, lock, &value, millis(ttl))
             .await
             .map_err(StoreError::backend)
     }

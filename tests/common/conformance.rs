@@ -330,6 +330,56 @@ pub async fn renew_keeps_key<S: IdempotencyStore>(store: S) {
     );
 }
 
+/// A renewal whose reply was lost leaves the lock's store note (see `Lock::store_note`) behind the
+/// value in the store; here copies of the lock make renewals the original does not see. The owner
+/// must still renew and complete, and once the key is completed no copy may write it.
+pub async fn stale_note_still_owns<S: IdempotencyStore>(store: S) {
+    let key = "stale-note";
+    let a = Lock::new(fp(16));
+    expect_acquired(&store, key, &a, LONG, "claim").await;
+    // Deadlines are in milliseconds: wait so that each renewal writes a different value.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let twin = a.clone();
+    assert!(
+        store.renew(key, &twin, LONG).await.unwrap(),
+        "renew by a copy"
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(
+        store.renew(key, &a, LONG).await.unwrap(),
+        "renew with a stale note"
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(
+        store.renew(key, &a.clone(), LONG).await.unwrap(),
+        "renew by another copy"
+    );
+
+    let record = plain_record(fp(16), StatusCode::OK, b"done");
+    assert!(
+        store.complete(key, &a, &record, LONG).await.unwrap(),
+        "complete with a stale note"
+    );
+    let got = expect_completed(&store, key, "replay").await;
+    assert_record_eq(&got, &record, "the completed record");
+
+    let other = plain_record(fp(16), StatusCode::OK, b"again");
+    assert!(
+        !store.complete(key, &twin, &other, LONG).await.unwrap(),
+        "a copy completes a completed key"
+    );
+    assert!(
+        !store.renew(key, &a, LONG).await.unwrap(),
+        "renew a completed key"
+    );
+    assert!(
+        !store.release(key, &a).await.unwrap(),
+        "release a completed key"
+    );
+    let got = expect_completed(&store, key, "replay after the refused writes").await;
+    assert_record_eq(&got, &record, "the record is unchanged");
+}
+
 /// 6. A lapsed lease lets another attempt in; the first attempt is fenced off.
 pub async fn lapsed_lease_is_fenced<S: IdempotencyStore>(store: S) {
     let key = "lapsed";
@@ -505,12 +555,12 @@ pub async fn concurrent_claims<S: IdempotencyStore>(store: S) {
     }
     assert_eq!(winners.len(), 1, "exactly one claim acquires the key");
     assert_eq!(in_flight.len(), N - 1);
-    let winner = winners[0];
+    let winner = &winners[0];
     assert!(
         in_flight.iter().all(|f| f == winner.fingerprint()),
         "every loser sees the winner's fingerprint"
     );
     // The winner really owns it.
     let record = plain_record(*winner.fingerprint(), StatusCode::OK, b"winner");
-    assert!(store.complete(key, &winner, &record, LONG).await.unwrap());
+    assert!(store.complete(key, winner, &record, LONG).await.unwrap());
 }
