@@ -148,7 +148,7 @@ impl Variant {
             Self::RedisReplay => "4  layer + RedisStore, replay",
             Self::BaselineFirst => "5a SET NX + SET (by hand)",
             Self::BaselineReplay => "5b GET (by hand)",
-            Self::BaselineFenced => "5c SET NX GET + EVALSHA (by hand)",
+            Self::BaselineFenced => "5c SET NX GET + fenced SET (by hand)",
             Self::CachedReplay => "6  layer + RedisStore + LocalCache, replay",
         }
     }
@@ -197,6 +197,20 @@ fn handler_router(response: Bytes) -> Router {
 struct Baseline {
     conn: ConnectionManager,
     response: Bytes,
+    /// Whether the server has `SET .. IFEQ` (Redis 8.4+), which the layer then uses to fence.
+    native_fence: bool,
+}
+
+/// Whether the server accepts `SET .. IFEQ` (Redis 8.4 and later), as `RedisStore` finds out.
+async fn has_set_ifeq(conn: &mut ConnectionManager) -> bool {
+    let probe: redis::RedisResult<redis::Value> = redis::cmd("SET")
+        .arg("bench:ifeq-probe")
+        .arg("v")
+        .arg("IFEQ")
+        .arg("v")
+        .query_async(conn)
+        .await;
+    probe.is_ok()
 }
 
 fn redis_key(headers: &HeaderMap) -> Option<Vec<u8>> {
@@ -274,8 +288,10 @@ static REPLACE: std::sync::LazyLock<redis::Script> =
 
 /// 5c: the commands the layer sends for a first delivery, written by hand: claim with
 /// `SET key <running record> NX PX <lease> GET` (a 58-byte value, as the layer's), then store
-/// a record of the layer's size with the fenced `EVALSHA` replace. Against 5a it prices the
-/// fenced commands; against 3 it prices everything else the layer does.
+/// a record of the layer's size with the fenced replace the layer would use on this server:
+/// `SET key <record> IFEQ <running record> PX <ttl>` on Redis 8.4 and later, else the
+/// `EVALSHA` of its script. Against 5a it prices the fenced commands; against 3 it prices
+/// everything else the layer does.
 async fn baseline_fenced(State(st): State<Baseline>, headers: HeaderMap, _body: Bytes) -> Response {
     let Some(key) = redis_key(&headers) else {
         return StatusCode::BAD_REQUEST.into_response();
@@ -309,16 +325,31 @@ async fn baseline_fenced(State(st): State<Baseline>, headers: HeaderMap, _body: 
     record.extend_from_slice(&16u32.to_le_bytes());
     record.extend_from_slice(b"application/json");
     record.extend_from_slice(&response);
-    let stored: Result<i64, _> = REPLACE
-        .key(&key)
-        .arg(&running[..18])
-        .arg(record)
-        .arg(RECORD_TTL_MS)
-        .invoke_async(&mut conn)
-        .await;
-    match stored {
-        Ok(1) => respond(StatusCode::CREATED, response),
-        _ => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    let stored = if st.native_fence {
+        let reply: Result<redis::Value, _> = redis::cmd("SET")
+            .arg(&key)
+            .arg(record)
+            .arg("IFEQ")
+            .arg(&running[..])
+            .arg("PX")
+            .arg(RECORD_TTL_MS)
+            .query_async(&mut conn)
+            .await;
+        matches!(reply, Ok(redis::Value::Okay))
+    } else {
+        let reply: Result<i64, _> = REPLACE
+            .key(&key)
+            .arg(&running[..18])
+            .arg(record)
+            .arg(RECORD_TTL_MS)
+            .invoke_async(&mut conn)
+            .await;
+        matches!(reply, Ok(1))
+    };
+    if stored {
+        respond(StatusCode::CREATED, response)
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE.into_response()
     }
 }
 
@@ -354,9 +385,12 @@ async fn router_for(variant: Variant, url: &str, response: Bytes) -> Router {
             handler_router(response).route_layer(IdempotencyLayer::new(store).local_cache(cache))
         }
         Variant::BaselineFirst | Variant::BaselineReplay | Variant::BaselineFenced => {
+            let mut conn = connection_manager(url).await;
+            let native_fence = has_set_ifeq(&mut conn).await;
             let state = Baseline {
-                conn: connection_manager(url).await,
+                conn,
                 response,
+                native_fence,
             };
             let route = match variant {
                 Variant::BaselineFirst => post(baseline_first),
@@ -756,10 +790,21 @@ fn main() {
         .get("redis_version")
         .cloned()
         .unwrap_or_default();
+    let fence: redis::RedisResult<redis::Value> = redis::cmd("SET")
+        .arg("bench:ifeq-probe")
+        .arg("v")
+        .arg("IFEQ")
+        .arg("v")
+        .query(&mut bench.stats);
+    let fence = if fence.is_ok() {
+        "native SET .. IFEQ"
+    } else {
+        "EVALSHA replace.lua (no SET .. IFEQ before Redis 8.4)"
+    };
     println!("load average before: {}", loadavg());
     println!(
         "throughput: {} rounds x {} s per variant (+{} ms warm-up), {} in flight, {} server \
-         threads, {} B responses, redis {version} on port {}",
+         threads, {} B responses, redis {version} on port {}; fenced writes: {fence}",
         s.rounds,
         s.secs,
         s.warmup.as_millis(),
