@@ -124,15 +124,18 @@ impl<C> std::fmt::Debug for RedisStore<C> {
 impl RedisStore<ConnectionManager> {
     /// Connects to Redis through a [`ConnectionManager`] and returns the store.
     ///
-    /// The manager's connection and response timeouts are set to 2 seconds, so a request never
-    /// waits longer than that for a dead server, and it retries reconnecting in the background.
-    /// The layer's own store timeout bounds every operation as well.
+    /// The manager tries each connection for at most 2 seconds and keeps reconnecting in the
+    /// background after Redis restarts. It sets no response timeout of its own: the layer's
+    /// [`store_timeout`](crate::IdempotencyLayer::store_timeout) bounds every operation, waits
+    /// for a reconnection included, with one timer per operation instead of two. Calling the
+    /// store directly (outside the layer), bound its operations yourself, or build the
+    /// connection with a response timeout and use [`RedisStore::from_connection`].
     ///
     /// Fails if the first connection cannot be made.
     pub async fn new(client: redis::Client) -> Result<Self, StoreError> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(None)
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_with_config(client, config)
@@ -235,7 +238,9 @@ where
         args: &[&[u8]],
     ) -> Result<T, RedisError> {
         let build = |verb: &str, body: &str| {
-            let mut cmd = redis::cmd(verb);
+            let data =
+                verb.len() + body.len() + key.len() + args.iter().map(|a| a.len()).sum::<usize>();
+            let mut cmd = command(verb, 4 + args.len(), data);
             cmd.arg(body).arg(1).arg(key);
             for arg in args {
                 cmd.arg(*arg);
@@ -258,7 +263,7 @@ where
         lease_ms: u64,
     ) -> Result<Option<Bytes>, RedisError> {
         if !self.claim_script.load(Ordering::Relaxed) {
-            let mut cmd = redis::cmd("SET");
+            let mut cmd = command("SET", 7, key.len() + running.len());
             cmd.arg(key)
                 .arg(running)
                 .arg("NX")
@@ -344,7 +349,7 @@ where
                     }
                 }
             };
-            let mut cmd = redis::cmd("SET");
+            let mut cmd = command("SET", 7, key.len() + value.len() + current.len());
             cmd.arg(key)
                 .arg(value)
                 .arg("IFEQ")
@@ -358,6 +363,14 @@ where
         }
         Ok(false)
     }
+}
+
+/// A command with room for `args` arguments (the name included) and `data` bytes of them plus
+/// a few short options and numbers, so that adding them never reallocates.
+fn command(name: &str, args: usize, data: usize) -> Cmd {
+    let mut cmd = Cmd::with_capacity(args, name.len() + data + 32);
+    cmd.arg(name);
+    cmd
 }
 
 /// Whether `value` is a running record written for `lock`.
