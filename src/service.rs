@@ -59,9 +59,23 @@ impl<S, St> Idempotency<S, St> {
 
 pin_project_lite::pin_project! {
     /// The future of [`Idempotency`].
+    ///
+    /// Dropped before it finished (the client went away, an outer timeout fired), a protected
+    /// request is not cancelled: what is left of it runs on in a task of its own, so a handler
+    /// is never stopped halfway and its claim is always completed or released.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
+    }
+
+    impl<F, B, E> PinnedDrop for ResponseFuture<F, B, E> {
+        fn drop(this: Pin<&mut Self>) {
+            if let KindProj::Protected { future, detach } = this.project().kind.project()
+                && let Some(future) = future.take()
+            {
+                detach(future);
+            }
+        }
     }
 }
 
@@ -74,8 +88,9 @@ pin_project_lite::pin_project! {
         Passthrough { #[pin] future: F },
         // A rejection decided before any I/O.
         Ready { response: Option<Response<B>> },
-        // The protected path.
-        Protected { future: BoxFuture<B, E> },
+        // The protected path; `None` once it finished. `detach` runs it to its end on the
+        // current runtime if the response future is dropped first.
+        Protected { future: Option<BoxFuture<B, E>>, detach: fn(BoxFuture<B, E>) },
     }
 }
 
@@ -84,6 +99,31 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         Self {
             kind: Kind::Passthrough { future },
         }
+    }
+}
+
+impl<F, B: Send + 'static, E: Send + 'static> ResponseFuture<F, B, E> {
+    fn protected(future: BoxFuture<B, E>) -> Self {
+        Self {
+            kind: Kind::Protected {
+                future: Some(future),
+                detach: detach::<B, E>,
+            },
+        }
+    }
+}
+
+/// Runs the rest of a protected request's future in a task of its own. Without a runtime (it
+/// is shutting down) nothing could drive it: it is dropped, and a claim it held lapses with its
+/// lease.
+///
+/// Compared with spawning every protected request up front, a request whose client stays
+/// (nearly all of them) costs no task allocation and no hop to another worker thread.
+fn detach<B: Send + 'static, E: Send + 'static>(future: BoxFuture<B, E>) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let _ = future.await;
+        });
     }
 }
 
@@ -99,7 +139,12 @@ where
             KindProj::Ready { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
-            KindProj::Protected { future } => future.as_mut().poll(cx),
+            KindProj::Protected { future, .. } => {
+                let running = future.as_mut().expect("polled after completion");
+                let output = std::task::ready!(running.as_mut().poll(cx));
+                *future = None;
+                Poll::Ready(output)
+            }
         }
     }
 }
@@ -197,11 +242,7 @@ where
             config: self.config.clone(),
             scoped: String::new(),
         };
-        ResponseFuture {
-            kind: Kind::Protected {
-                future: Box::pin(run(inner, ctx, key, parts, body).instrument(span)),
-            },
-        }
+        ResponseFuture::protected(Box::pin(run(inner, ctx, key, parts, body).instrument(span)))
     }
 }
 
@@ -557,9 +598,9 @@ where
             parts.extensions.insert(key);
             let req = Request::from_parts(parts, ReqBody::from(body));
             // The owner's work runs in this task; if the client goes away it carries on in a
-            // task of its own, so the handler is never cancelled halfway and the claim is always
-            // completed or released.
-            DetachOnDrop::new(own(inner, ctx, req, lock).in_current_span()).await
+            // task of its own (see `ResponseFuture`'s drop), so the handler is never cancelled
+            // halfway and the claim is always completed or released.
+            own(inner, ctx, req, lock).await
         }
         Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {
             record_outcome(Outcome::Replayed);
@@ -680,47 +721,6 @@ where
                 ctx.release(&lock).await;
             }
             Ok(Response::from_parts(parts, ResBody::from(body)))
-        }
-    }
-}
-
-/// Drives a future in the caller's task; if dropped before the future finished, spawns the rest
-/// on the current runtime instead of cancelling it (without a runtime, nothing could drive it:
-/// it is dropped, and a claim it held lapses with its lease).
-///
-/// Compared with spawning up front, a request whose client stays (nearly all of them) costs no
-/// task allocation and no hop to another worker thread.
-struct DetachOnDrop<T: Send + 'static> {
-    future: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
-}
-
-impl<T: Send + 'static> DetachOnDrop<T> {
-    fn new(future: impl Future<Output = T> + Send + 'static) -> Self {
-        Self {
-            future: Some(Box::pin(future)),
-        }
-    }
-}
-
-impl<T: Send + 'static> Future for DetachOnDrop<T> {
-    type Output = T;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        let future = self.future.as_mut().expect("polled after completion");
-        let output = std::task::ready!(future.as_mut().poll(cx));
-        self.future = None;
-        Poll::Ready(output)
-    }
-}
-
-impl<T: Send + 'static> Drop for DetachOnDrop<T> {
-    fn drop(&mut self) {
-        if let Some(future) = self.future.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(async move {
-                let _ = future.await;
-            });
         }
     }
 }
