@@ -359,7 +359,8 @@ pub(crate) fn storable_headers(headers: &HeaderMap, excluded: &[HeaderName]) -> 
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .collect();
-    let mut out = HeaderMap::with_capacity(headers.len());
+    // Room for one more: a replay adds `Idempotent-Replayed`.
+    let mut out = HeaderMap::with_capacity(headers.len() + 1);
     for (name, value) in headers {
         let drop = HOP_BY_HOP.contains(name)
             || *name == header::UPGRADE

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{HeaderValue, Method, Request, Response, header, request};
+use http::{HeaderName, HeaderValue, Method, Request, Response, header, request};
 use http_body::Body;
 use tower_service::Service;
 use tracing::{Instrument, Span};
@@ -25,6 +25,8 @@ use crate::store::{Claim, IdempotencyStore, Lock, StoreError};
 
 /// The header added to every replayed response.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+const REPLAYED_NAME: HeaderName = HeaderName::from_static(IDEMPOTENT_REPLAYED);
 
 /// How long to tell clients to wait when the store is unavailable.
 const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -746,6 +748,6 @@ fn replay<B: From<Bytes>>(record: CompletedRecord) -> Response<B> {
     *response.headers_mut() = record.headers;
     response
         .headers_mut()
-        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        .insert(REPLAYED_NAME, HeaderValue::from_static("true"));
     response
 }
