@@ -41,8 +41,10 @@ enum Entry {
         fingerprint: Fingerprint,
         deadline: Instant,
     },
+    // Boxed: a record is several times the size of a running entry, and every slot of the
+    // table is as large as its largest variant (rehashing and sweeping move and scan them all).
     Completed {
-        record: CompletedRecord,
+        record: Box<CompletedRecord>,
         expires: Instant,
     },
 }
@@ -145,7 +147,7 @@ impl IdempotencyStore for MemoryStore {
                 retry_after: *deadline - now,
             }),
             Some(Entry::Completed { record, expires }) if *expires > now => {
-                Ok(Claim::Completed(record.clone()))
+                Ok(Claim::Completed(CompletedRecord::clone(record)))
             }
             _ => {
                 let entry = Entry::running(lock, deadline(now, lease));
@@ -169,7 +171,7 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<bool, StoreError> {
         let expires = deadline(Instant::now(), ttl);
         Ok(self.replace_owned(key, lock, || Entry::Completed {
-            record: record.clone(),
+            record: Box::new(record.clone()),
             expires,
         }))
     }
