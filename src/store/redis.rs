@@ -226,6 +226,13 @@ where
         out
     }
 
+    fn key<'a>(&'a self, key: &'a str) -> Key<'a> {
+        Key {
+            prefix: &self.prefix,
+            key,
+        }
+    }
+
     async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RedisError> {
         cmd.query_async(&mut self.conn.clone()).await
     }
@@ -234,7 +241,7 @@ where
     async fn eval<T: redis::FromRedisValue>(
         &self,
         lua: &Lua,
-        key: &str,
+        key: Key<'_>,
         args: &[&[u8]],
     ) -> Result<T, RedisError> {
         let build = |verb: &str, body: &str| {
@@ -258,7 +265,7 @@ where
 
     async fn claim_value(
         &self,
-        key: &str,
+        key: Key<'_>,
         running: &[u8],
         lease_ms: u64,
     ) -> Result<Option<Bytes>, RedisError> {
@@ -295,7 +302,7 @@ where
     /// where the server supports it, else with the script. Returns whether `lock` still owned it.
     async fn replace(
         &self,
-        key: &str,
+        key: Key<'_>,
         lock: &Lock,
         value: &[u8],
         ttl_ms: u64,
@@ -329,7 +336,7 @@ where
     /// value, otherwise the lock has lost the key.
     async fn replace_native(
         &self,
-        key: &str,
+        key: Key<'_>,
         lock: &Lock,
         value: &[u8],
         ttl_ms: u64,
@@ -342,7 +349,8 @@ where
             let current = match expected.take() {
                 Some(current) => current,
                 None => {
-                    let current: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key)).await?;
+                    let current: Option<Vec<u8>> =
+                        self.query(command("GET", 2, key.len()).arg(key)).await?;
                     match current {
                         Some(v) if is_running_record_of(&v, lock) => v,
                         _ => return Ok(false),
@@ -362,6 +370,30 @@ where
             }
         }
         Ok(false)
+    }
+}
+
+/// The Redis key of an entry, `<prefix><scoped key>`, written into a command as one argument
+/// without first being joined into a `String`.
+#[derive(Clone, Copy)]
+struct Key<'a> {
+    prefix: &'a str,
+    key: &'a str,
+}
+
+impl Key<'_> {
+    fn len(self) -> usize {
+        self.prefix.len() + self.key.len()
+    }
+}
+
+impl redis::ToRedisArgs for Key<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        // Writing to a command's buffer cannot fail.
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(self.key.as_bytes());
     }
 }
 
@@ -414,10 +446,10 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     async fn claim(&self, key: &str, lock: &Lock, lease: Duration) -> Result<Claim, StoreError> {
-        let key = self.redis_key(key);
+        let key = self.key(key);
         let (running, deadline_ms) = running_record(lock, lease);
         let existing = self
-            .claim_value(&key, &running, millis(lease))
+            .claim_value(key, &running, millis(lease))
             .await
             .map_err(StoreError::backend)?;
         let Some(existing) = existing else {
@@ -434,10 +466,10 @@ where
     }
 
     async fn renew(&self, key: &str, lock: &Lock, lease: Duration) -> Result<bool, StoreError> {
-        let key = self.redis_key(key);
+        let key = self.key(key);
         let (running, deadline_ms) = running_record(lock, lease);
         let renewed = self
-            .replace(&key, lock, &running, millis(lease))
+            .replace(key, lock, &running, millis(lease))
             .await
             .map_err(StoreError::backend)?;
         if renewed {
@@ -453,17 +485,17 @@ where
         record: &CompletedRecord,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let key = self.redis_key(key);
+        let key = self.key(key);
         let value = record.encode();
-        self.replace(&key, lock, &value, millis(ttl))
+        self.replace(key, lock, &value, millis(ttl))
             .await
             .map_err(StoreError::backend)
     }
 
     async fn release(&self, key: &str, lock: &Lock) -> Result<bool, StoreError> {
-        let key = self.redis_key(key);
+        let key = self.key(key);
         let prefix = RunningRecord::owner_prefix(lock.owner());
-        self.eval(&RELEASE, &key, &[&prefix])
+        self.eval(&RELEASE, key, &[&prefix])
             .await
             .map_err(StoreError::backend)
     }
