@@ -28,7 +28,9 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<Box<str>, Entry>,
+    // foldhash, seeded per process: several times cheaper than SipHash on these short keys, and
+    // still not predictable from outside (the keys the layer passes are digests anyway).
+    entries: HashMap<Box<str>, Entry, foldhash::fast::RandomState>,
     claims_since_sweep: usize,
     /// Claims between sweeps: the number of entries left by the last sweep (at least 64), so a
     /// sweep's cost is paid for by as many claims.
