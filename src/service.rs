@@ -220,7 +220,7 @@ where
             return ResponseFuture::passthrough(inner.call(req));
         }
         let (parts, body) = req.into_parts();
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "idempotency",
             method = %parts.method,
             route = route(&parts),
