@@ -243,6 +243,7 @@ where
             store: self.store.clone(),
             config: self.config.clone(),
             scoped: String::new(),
+            route: RouteName::of(&parts),
         };
         ResponseFuture::protected(Box::pin(run(inner, ctx, key, parts, body).instrument(span)))
     }
@@ -351,6 +352,38 @@ struct Ctx<St> {
     config: Arc<Config>,
     /// The scoped key the store sees.
     scoped: String,
+    /// The route, for the warnings and errors the layer logs.
+    route: RouteName,
+}
+
+/// The route of a protected request, named in the layer's warnings and errors: the span that
+/// also carries it is at `DEBUG` level, which production filters usually leave off. Cloning it
+/// costs a reference count.
+#[derive(Clone)]
+enum RouteName {
+    #[cfg(feature = "axum")]
+    Matched(axum::extract::MatchedPath),
+    Path(http::Uri),
+}
+
+impl RouteName {
+    fn of(parts: &request::Parts) -> Self {
+        #[cfg(feature = "axum")]
+        if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
+            return Self::Matched(matched.clone());
+        }
+        Self::Path(parts.uri.clone())
+    }
+}
+
+impl std::fmt::Display for RouteName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            #[cfg(feature = "axum")]
+            Self::Matched(matched) => f.write_str(matched.as_str()),
+            Self::Path(uri) => f.write_str(uri.path()),
+        }
+    }
 }
 
 impl<St: IdempotencyStore> Ctx<St> {
@@ -447,12 +480,15 @@ impl<St: IdempotencyStore> Ctx<St> {
                 Ok(false) => {
                     metrics::count(metrics::LEASES_LOST);
                     tracing::warn!(
+                        route = %self.route,
                         "lease lost while the handler runs: another attempt may run this key; \
                          this attempt's response will not be stored"
                     );
                     std::future::pending::<()>().await;
                 }
-                Err(err) => tracing::warn!(error = %err, "lease renewal failed; will retry"),
+                Err(err) => {
+                    tracing::warn!(route = %self.route, error = %err, "lease renewal failed; will retry")
+                }
             }
         }
     }
@@ -468,6 +504,7 @@ impl<St: IdempotencyStore> Ctx<St> {
         if omitted && !status_only {
             headers.remove(header::CONTENT_LENGTH);
             tracing::warn!(
+                route = %self.route,
                 size = body.len(),
                 limit = self.config.max_response_body,
                 "response larger than the limit: stored without its body"
@@ -499,10 +536,12 @@ impl<St: IdempotencyStore> Ctx<St> {
             Ok(false) => {
                 metrics::count(metrics::LEASES_LOST);
                 tracing::warn!(
+                    route = %self.route,
                     "lease lost before the response could be stored; the response was not stored"
                 );
             }
             Err(err) => tracing::error!(
+                route = %self.route,
                 error = %err,
                 "could not store the response; the key stays locked until its lease lapses"
             ),
@@ -515,6 +554,7 @@ impl<St: IdempotencyStore> Ctx<St> {
             .await
         {
             tracing::error!(
+                route = %self.route,
                 error = %err,
                 "could not release the key; it stays locked until its lease lapses"
             );
@@ -628,7 +668,7 @@ where
             Ok(render(&ctx.config, &key_reused()))
         }
         Err(StoreError::Corrupt(err)) => {
-            tracing::error!(error = %err, "unreadable idempotency record; handler not run");
+            tracing::error!(route = %ctx.route, error = %err, "unreadable idempotency record; handler not run");
             let detail = "the stored response for this idempotency key is unreadable; \
                           the request was not processed";
             let rejection = Rejection::new(RejectionKind::CorruptRecord, detail);
@@ -637,7 +677,7 @@ where
         }
         Err(err) if ctx.config.fail_open => {
             record_outcome(Outcome::FailOpen);
-            tracing::warn!(error = %err, "idempotency store unavailable; running the handler unprotected (fail-open)");
+            tracing::warn!(route = %ctx.route, error = %err, "idempotency store unavailable; running the handler unprotected (fail-open)");
             parts.extensions.insert(key);
             inner
                 .call(Request::from_parts(parts, ReqBody::from(body)))
@@ -645,7 +685,7 @@ where
         }
         Err(err) => {
             record_outcome(Outcome::StoreError);
-            tracing::error!(error = %err, "idempotency store unavailable; request refused");
+            tracing::error!(route = %ctx.route, error = %err, "idempotency store unavailable; request refused");
             let detail = "the idempotency store is unavailable, so the request could not be \
                           processed safely; it was not processed";
             let rejection = Rejection::new(RejectionKind::StoreUnavailable, detail)
@@ -699,7 +739,7 @@ where
     let failed = "the request handler failed; the request may be retried";
     match outcome {
         Err(_panic) => {
-            tracing::error!("handler panicked; claim released");
+            tracing::error!(route = %ctx.route, "handler panicked; claim released");
             ctx.release(&lock).await;
             Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
         }
@@ -712,7 +752,7 @@ where
                 ReadError::Failed(err) => err,
                 ReadError::TooLarge => "the response body is larger than memory allows".into(),
             };
-            tracing::error!(status = %parts.status, error = %err, "response body failed; claim released");
+            tracing::error!(route = %ctx.route, status = %parts.status, error = %err, "response body failed; claim released");
             ctx.release(&lock).await;
             Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
         }

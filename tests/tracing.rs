@@ -1,16 +1,21 @@
-//! The layer's tracing: one span per protected request with its outcome; no keys or bodies.
+//! The layer's tracing: one span per protected request with its outcome (at DEBUG); no keys or
+//! bodies; warnings and errors name their route.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::Request;
+use axum::http::{Request, StatusCode};
 use axum::routing::post;
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tower_idempotency::{
+    Claim, CompletedRecord, IdempotencyLayer, IdempotencyStore, Lock, MemoryStore, StoreError,
+};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 
 /// Records every span field and event field as `name=value` lines.
@@ -90,4 +95,57 @@ async fn spans_carry_outcomes_and_never_keys_or_bodies() {
     assert!(!text.contains("secret-body"), "a body was logged:\n{text}");
     assert!(text.contains("claim_ms="), "{text}");
     assert!(text.contains("handler_ms="), "{text}");
+}
+
+/// A store whose every operation fails, as an unreachable Redis does.
+#[derive(Clone, Debug)]
+struct DownStore;
+
+impl IdempotencyStore for DownStore {
+    async fn claim(&self, _: &str, _: &Lock, _: Duration) -> Result<Claim, StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+    async fn renew(&self, _: &str, _: &Lock, _: Duration) -> Result<bool, StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+    async fn complete(
+        &self,
+        _: &str,
+        _: &Lock,
+        _: &CompletedRecord,
+        _: Duration,
+    ) -> Result<bool, StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+    async fn release(&self, _: &str, _: &Lock) -> Result<bool, StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+}
+
+/// With the usual production filter (INFO), the per-request span is off, and the layer's errors
+/// still say which route they are about.
+#[tokio::test]
+async fn at_info_no_span_and_errors_name_their_route() {
+    let capture = Capture::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::registry().with(capture.clone().with_filter(LevelFilter::INFO)),
+    );
+    let app = Router::new()
+        .route("/orders/{id}/pay", post(|| async { "paid" }))
+        .route_layer(IdempotencyLayer::new(DownStore));
+    let req = Request::post("/orders/42/pay")
+        .header("idempotency-key", "k-1")
+        .body(Body::empty())
+        .unwrap();
+    let response = app.oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    let text = capture.0.lock().unwrap().join("\n");
+    assert!(!text.contains("new idempotency"), "span at INFO:\n{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("event")
+            && l.contains("route=/orders/{id}/pay")
+            && l.contains("connection refused")),
+        "{text}"
+    );
 }
