@@ -1,10 +1,10 @@
 //! An in-process cache of completed records (feature `cache`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use moka::Expiry;
-use moka::sync::Cache;
+use quick_cache::sync::Cache;
 
 use crate::record::CompletedRecord;
 
@@ -13,37 +13,48 @@ use crate::record::CompletedRecord;
 ///
 /// - Only completed records are cached, never running claims: a duplicate of a running request
 ///   always asks the store.
-/// - An entry never outlives the record's expiry in the store (the record carries its expiry
-///   time, measured on the wall clock of the instance that completed it).
-/// - Bounded by entries and by bytes (the encoded record size); the least recently used entries
-///   go first.
+/// - An entry is never served past the record's expiry in the store (the record carries its
+///   expiry time, measured on the wall clock of the instance that completed it), and expired
+///   entries are swept out as new ones come in, so they do not hold memory for long either.
+/// - Bounded by entries and by bytes (the encoded record size); entries that are seldom asked
+///   for go first (S3-FIFO, from the `quick_cache` crate).
 ///
 /// The trade-off: the cache does not hear about changes made to the store behind its back. A
 /// record deleted by hand in Redis is still replayed by an instance that cached it, until the
 /// record's original expiry. Clones share the same cache.
 #[derive(Clone)]
 pub struct LocalCache {
-    inner: Cache<Arc<str>, Arc<CompletedRecord>, foldhash::fast::RandomState>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cache: Cache<Arc<str>, Arc<CompletedRecord>, Weight, foldhash::fast::RandomState>,
+    /// Inserts since the last sweep of expired entries.
+    inserts: AtomicUsize,
+    /// Inserts between sweeps: the number of entries the last sweep left (at least 64), so a
+    /// sweep's cost is paid for by as many inserts.
+    sweep_every: AtomicUsize,
+}
+
+/// An entry weighs its encoded size, and at least `floor` (`max_bytes / max_entries`), so that
+/// the weight bound caps the entry count as well as the bytes.
+#[derive(Clone)]
+struct Weight {
+    floor: u64,
+}
+
+impl quick_cache::Weighter<Arc<str>, Arc<CompletedRecord>> for Weight {
+    fn weight(&self, _: &Arc<str>, record: &Arc<CompletedRecord>) -> u64 {
+        (record.encoded_len() as u64).max(self.floor)
+    }
 }
 
 impl std::fmt::Debug for LocalCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalCache")
-            .field("entries", &self.inner.entry_count())
+            .field("entries", &self.inner.cache.len())
+            .field("bytes", &self.inner.cache.weight())
             .finish()
-    }
-}
-
-struct UntilRecordExpires;
-
-impl Expiry<Arc<str>, Arc<CompletedRecord>> for UntilRecordExpires {
-    fn expire_after_create(
-        &self,
-        _: &Arc<str>,
-        record: &Arc<CompletedRecord>,
-        _: Instant,
-    ) -> Option<Duration> {
-        Some(remaining(record))
     }
 }
 
@@ -61,35 +72,53 @@ impl LocalCache {
     /// A cache of at most `max_entries` records and `max_bytes` bytes of records.
     pub fn new(max_entries: u64, max_bytes: u64) -> Self {
         let max_entries = max_entries.max(1);
-        // Each entry weighs at least max_bytes / max_entries, so the weight bound caps the entry
-        // count as well as the bytes.
+        let max_bytes = max_bytes.max(1);
         let floor = (max_bytes / max_entries).max(1);
-        let inner = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(move |_, record: &Arc<CompletedRecord>| {
-                let weight = (record.encoded_len() as u64).max(floor);
-                u32::try_from(weight).unwrap_or(u32::MAX)
-            })
-            .expire_after(UntilRecordExpires)
-            // Keys are digests; foldhash (seeded per process) is several times cheaper than the
-            // default SipHash on them.
-            .build_with_hasher(foldhash::fast::RandomState::default());
-        Self { inner }
+        let cache = Cache::with(
+            usize::try_from(max_entries).unwrap_or(usize::MAX),
+            max_bytes,
+            Weight { floor },
+            foldhash::fast::RandomState::default(),
+            Default::default(),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                cache,
+                inserts: AtomicUsize::new(0),
+                sweep_every: AtomicUsize::new(64),
+            }),
+        }
     }
 
-    /// The number of cached records (approximate: pending evictions may not have run yet).
+    /// The number of cached records, expired ones not yet swept included.
     pub fn entry_count(&self) -> u64 {
-        self.inner.run_pending_tasks();
-        self.inner.entry_count()
+        self.inner.cache.len() as u64
     }
 
     pub(crate) fn get(&self, key: &str) -> Option<Arc<CompletedRecord>> {
-        self.inner.get(key).filter(|r| !remaining(r).is_zero())
+        let record = self.inner.cache.get(key)?;
+        if remaining(&record).is_zero() {
+            self.inner.cache.remove(key);
+            return None;
+        }
+        Some(record)
     }
 
     pub(crate) fn insert(&self, key: &str, record: CompletedRecord) {
-        if !remaining(&record).is_zero() {
-            self.inner.insert(key.into(), Arc::new(record));
+        if remaining(&record).is_zero() {
+            return;
+        }
+        self.inner.cache.insert(key.into(), Arc::new(record));
+        // Sweep expired entries once as many inserts as the last sweep left entries have
+        // happened: O(1) per insert, amortized, and an expired entry holds its memory only until
+        // the cache has turned over about once.
+        let inserts = self.inner.inserts.fetch_add(1, Ordering::Relaxed) + 1;
+        if inserts >= self.inner.sweep_every.load(Ordering::Relaxed) {
+            self.inner.inserts.store(0, Ordering::Relaxed);
+            let now = now_ms();
+            self.inner.cache.retain(|_, r| r.expires_at_ms > now);
+            let left = self.inner.cache.len().max(64);
+            self.inner.sweep_every.store(left, Ordering::Relaxed);
         }
     }
 }
@@ -138,5 +167,21 @@ mod tests {
         // A record without a known expiry is never cached.
         cache.insert("unknown", record(1, 0).with_expiry(0));
         assert!(cache.get("unknown").is_none());
+    }
+
+    #[test]
+    fn expired_entries_are_swept_as_new_ones_come() {
+        let cache = LocalCache::new(10_000, 100_000_000);
+        for i in 0..200 {
+            cache.insert(&format!("old{i}"), record(1, 100));
+        }
+        assert_eq!(cache.entry_count(), 200);
+        std::thread::sleep(Duration::from_millis(200));
+        // Without a lookup of the old keys, the inserts alone sweep them out.
+        for i in 0..200 {
+            cache.insert(&format!("new{i}"), record(1, 60_000));
+        }
+        assert!(cache.entry_count() <= 200, "{}", cache.entry_count());
+        assert!(cache.get("new199").is_some());
     }
 }
