@@ -82,8 +82,8 @@
 //! token and the request fingerprint, with a short lease ([`lock_ttl`](IdempotencyLayer::lock_ttl),
 //! 30 s). While the handler runs, the owner renews the lease every third of it, so a slow handler
 //! is never run twice and an instance that crashed frees the key once its lease lapses. A client
-//! that disconnects does not cancel the request halfway: once its body has arrived, what is left
-//! (claim, handler, storing the response) runs on in a task of its own.
+//! that disconnects does not cancel a handler halfway: once the request holds its claim, what is
+//! left (the handler, storing the response) runs on in a task of its own.
 //! When it answers, the response is stored under the key for
 //! [`record_ttl`](IdempotencyLayer::record_ttl) (24 h) — only if the claim is still the owner's
 //! (fencing), so an attempt that lost its lease never overwrites another's record.

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -62,9 +63,11 @@ impl<S, St> Idempotency<S, St> {
 pin_project_lite::pin_project! {
     /// The future of [`Idempotency`].
     ///
-    /// Dropped before it finished (the client went away, an outer timeout fired), a protected
-    /// request is not cancelled: what is left of it runs on in a task of its own, so a handler
-    /// is never stopped halfway and its claim is always completed or released.
+    /// Dropped before it finished (the client went away, an outer timeout fired) once its request
+    /// has claimed its key, it is not cancelled: what is left (the handler, storing or releasing
+    /// the claim) runs on in a task of its own, so a handler is never stopped halfway and a claim
+    /// is always completed or released. Dropped earlier (reading the body, claiming, waiting for
+    /// an in-flight duplicate), it is cancelled like any future.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
@@ -72,8 +75,9 @@ pin_project_lite::pin_project! {
 
     impl<F, B, E> PinnedDrop for ResponseFuture<F, B, E> {
         fn drop(this: Pin<&mut Self>) {
-            if let KindProj::Protected { future, detach } = this.project().kind.project()
+            if let KindProj::Protected { future, owner, detach } = this.project().kind.project()
                 && let Some(future) = future.take()
+                && owner.load(Ordering::Acquire)
             {
                 detach(future);
             }
@@ -90,9 +94,14 @@ pin_project_lite::pin_project! {
         Passthrough { #[pin] future: F },
         // A rejection decided before any I/O.
         Ready { response: Option<Response<B>> },
-        // The protected path; `None` once it finished. `detach` runs it to its end on the
-        // current runtime if the response future is dropped first.
-        Protected { future: Option<BoxFuture<B, E>>, detach: fn(BoxFuture<B, E>) },
+        // The protected path; `None` once it finished (or panicked). `owner` is set by the path
+        // once it holds the claim; from then on `detach` runs it to its end on the current
+        // runtime if the response future is dropped first.
+        Protected {
+            future: Option<BoxFuture<B, E>>,
+            owner: Arc<AtomicBool>,
+            detach: fn(BoxFuture<B, E>),
+        },
     }
 }
 
@@ -105,10 +114,11 @@ impl<F, B, E> ResponseFuture<F, B, E> {
 }
 
 impl<F, B: Send + 'static, E: Send + 'static> ResponseFuture<F, B, E> {
-    fn protected(future: BoxFuture<B, E>) -> Self {
+    fn protected(future: BoxFuture<B, E>, owner: Arc<AtomicBool>) -> Self {
         Self {
             kind: Kind::Protected {
                 future: Some(future),
+                owner,
                 detach: detach::<B, E>,
             },
         }
@@ -119,8 +129,8 @@ impl<F, B: Send + 'static, E: Send + 'static> ResponseFuture<F, B, E> {
 /// is shutting down) nothing could drive it: it is dropped, and a claim it held lapses with its
 /// lease.
 ///
-/// Compared with spawning every protected request up front, a request whose client stays
-/// (nearly all of them) costs no task allocation and no hop to another worker thread.
+/// Compared with spawning every first delivery up front, a request whose client stays (nearly
+/// all of them) costs no task allocation and no hop to another worker thread.
 fn detach<B: Send + 'static, E: Send + 'static>(future: BoxFuture<B, E>) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
@@ -142,10 +152,16 @@ where
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
             KindProj::Protected { future, .. } => {
-                let running = future.as_mut().expect("polled after completion");
-                let output = std::task::ready!(running.as_mut().poll(cx));
-                *future = None;
-                Poll::Ready(output)
+                // Out of the slot while it is polled: if the poll panics, the future is dropped
+                // as the panic unwinds, never handed to `detach` to be polled again.
+                let mut running = future.take().expect("polled after completion");
+                match running.as_mut().poll(cx) {
+                    Poll::Ready(output) => Poll::Ready(output),
+                    Poll::Pending => {
+                        *future = Some(running);
+                        Poll::Pending
+                    }
+                }
             }
         }
     }
@@ -239,13 +255,16 @@ where
         if content_length(&parts.headers).is_some_and(|len| len > config.max_request_body as u64) {
             return self.ready(&span, too_large(config.max_request_body));
         }
+        let owner = Arc::new(AtomicBool::new(false));
         let ctx = Ctx {
             store: self.store.clone(),
             config: self.config.clone(),
             scoped: String::new(),
             route: RouteName::of(&parts),
+            owner: owner.clone(),
         };
-        ResponseFuture::protected(Box::pin(run(inner, ctx, key, parts, body).instrument(span)))
+        let future = Box::pin(run(inner, ctx, key, parts, body).instrument(span));
+        ResponseFuture::protected(future, owner)
     }
 }
 
@@ -354,6 +373,9 @@ struct Ctx<St> {
     scoped: String,
     /// The route, for the warnings and errors the layer logs.
     route: RouteName,
+    /// Set once this request holds the claim: from then on, dropping the response future
+    /// detaches the rest instead of cancelling it.
+    owner: Arc<AtomicBool>,
 }
 
 /// The route of a protected request, named in the layer's warnings and errors: the span that
@@ -399,13 +421,18 @@ impl<St: IdempotencyStore> Ctx<St> {
         let started = metrics::Started::now();
         let timeout = self.config.store_timeout;
         let mut op = std::pin::pin!(op);
-        let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+        // Polled unconstrained, as `tokio::time::timeout` polls its timer: an operation that
+        // used up the task's scheduling budget must not keep the timeout from firing.
+        let mut timer =
+            std::pin::pin!(None::<tokio::task::coop::Unconstrained<tokio::time::Sleep>>);
         let result = std::future::poll_fn(|cx| {
             if let Poll::Ready(result) = op.as_mut().poll(cx) {
                 return Poll::Ready(result);
             }
             if timer.is_none() {
-                timer.set(Some(tokio::time::sleep(timeout)));
+                timer.set(Some(tokio::task::coop::unconstrained(tokio::time::sleep(
+                    timeout,
+                ))));
             }
             match timer.as_mut().as_pin_mut() {
                 Some(timer) => timer.poll(cx).map(|()| Err(StoreError::Timeout)),
@@ -642,6 +669,7 @@ where
             // The owner's work runs in this task; if the client goes away it carries on in a
             // task of its own (see `ResponseFuture`'s drop), so the handler is never cancelled
             // halfway and the claim is always completed or released.
+            ctx.owner.store(true, Ordering::Release);
             own(inner, ctx, req, lock).await
         }
         Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {

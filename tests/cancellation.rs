@@ -1,0 +1,84 @@
+//! What dropping the layer's response future does: before the request holds its claim it is
+//! cancelled like any future (nothing runs, nothing stays claimed); a panic in the protected
+//! path unwinds once and its future is never polled again.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use http::{Request, Response, StatusCode};
+use tower::{Layer, Service, ServiceExt};
+use tower_idempotency::{IdempotencyLayer, KeySource, MemoryStore};
+
+fn request(key: &str) -> Request<Body> {
+    Request::post("/pay")
+        .header("idempotency-key", key)
+        .body(Body::from("x"))
+        .unwrap()
+}
+
+/// A future dropped before its first poll has not claimed anything: the handler does not run,
+/// and the next request with the key runs it.
+#[tokio::test]
+async fn a_future_dropped_unpolled_runs_nothing_and_holds_nothing() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    let handler = tower::service_fn(move |_req: Request<Body>| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Infallible>(Response::new(Body::from("done")))
+        }
+    });
+    let mut service = IdempotencyLayer::new(MemoryStore::new()).layer(handler);
+
+    let unpolled = service.ready().await.unwrap().call(request("k"));
+    drop(unpolled);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "an unpolled request ran");
+
+    let response = service
+        .ready()
+        .await
+        .unwrap()
+        .call(request("k"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A handler that panics where the layer calls it unprotected (no key in the body, keys not
+/// required) unwinds once; the dropped future is not handed on to be polled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_future_is_not_polled_again() {
+    static RESUMED: AtomicUsize = AtomicUsize::new(0);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.to_string().contains("resumed after panicking") {
+            RESUMED.fetch_add(1, Ordering::SeqCst);
+        }
+        previous(info);
+    }));
+    let handler = tower::service_fn(|_req: Request<Body>| async move {
+        if true {
+            panic!("the handler fails");
+        }
+        Ok::<_, Infallible>(Response::new(Body::empty()))
+    });
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .key_source(KeySource::json_field("event_id"))
+        .require_key(false);
+    let mut service = layer.layer(handler);
+    let future = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::post("/hook").body(Body::from("{}")).unwrap());
+    let joined = tokio::spawn(future).await;
+    assert!(joined.is_err_and(|e| e.is_panic()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(RESUMED.load(Ordering::SeqCst), 0);
+}
