@@ -6,7 +6,8 @@
 //!   request fingerprint; it lapses after the lease unless the owner renews it;
 //! - **completed**: the [`CompletedRecord`] to replay; it lapses after the record TTL.
 //!
-//! Every operation is a single atomic step (one round trip for a remote store). `renew`,
+//! Every operation is a single atomic step (one round trip for a remote store, as a rule; the
+//! Redis store's native fencing takes two more after a lost reply). `renew`,
 //! `complete` and `release` are *fenced*: they only act while the entry is still running under
 //! the same owner, so an attempt that lost its lease can never overwrite another attempt's entry.
 

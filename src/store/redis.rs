@@ -49,7 +49,7 @@ pub const DEFAULT_KEY_PREFIX: &str = "idempotency:";
 /// | operation | command | round trips |
 /// |---|---|---|
 /// | claim | `SET key <running> NX PX <lease> GET` (native, Redis ≥ 7.0) | 1 |
-/// | renew, complete | `SET key <value> IFEQ <running> PX <ttl>` (native, Redis ≥ 8.4), else `EVALSHA replace.lua` (owner check + `SET .. PX`) | 1 |
+/// | renew, complete | `SET key <value> IFEQ <running> PX <ttl>` (native, Redis ≥ 8.4), else `EVALSHA replace.lua` (owner check + `SET .. PX`) | 1 (3 after a lost renewal reply, see below) |
 /// | release | `EVALSHA release.lua` (owner check + `DEL`) | 1 |
 ///
 /// The claim needs no script: `SET .. NX GET` either writes the running record or returns the
@@ -62,9 +62,10 @@ pub const DEFAULT_KEY_PREFIX: &str = "idempotency:";
 /// `SET .. IFEQ`, compared against the exact running record this attempt last wrote (the lock
 /// remembers its deadline, see [`Lock::store_note`]); if that comparison fails, the store reads
 /// the value back and retries only when it is still this attempt's running record (a renewal
-/// whose reply was lost), so a lost reply never costs the key. On older servers the first renew
-/// or complete is refused with a syntax error and the store switches for good to `replace.lua`,
-/// which checks the owner token with `GETRANGE`; [`RedisStore::fencing`] tells which is in use.
+/// whose reply was lost), so a lost reply never costs the key; that takes two more round trips.
+/// On older servers the first renew or complete is refused ("syntax error"; any `ERR`-coded
+/// refusal counts) and the store switches for good to `replace.lua`, which checks the owner
+/// token with `GETRANGE`; [`RedisStore::fencing`] tells which is in use.
 /// Release, which only runs when a handler failed, always uses its script.
 ///
 /// A first delivery therefore costs two round trips (claim, complete), a replay or a conflict one.
@@ -278,13 +279,16 @@ where
                 .arg(lease_ms)
                 .arg("GET");
             match self.query(&cmd).await {
-                // Redis < 7.0 answers "ERR syntax error" to NX with GET.
-                Err(err) if err.code() == Some("ERR") && err.to_string().contains("syntax") => {
-                    tracing::info!(
-                        "Redis does not support SET .. NX GET (server older than 7.0); \
-                         claiming with a script from now on"
-                    );
-                    self.claim_script.store(true, Ordering::Relaxed);
+                // Redis < 7.0 answers "ERR syntax error" to NX with GET; any ERR-coded refusal
+                // switches to the script (see `replace`).
+                Err(err) if is_refusal(&err) => {
+                    if !self.claim_script.swap(true, Ordering::Relaxed) {
+                        tracing::info!(
+                            error = %err,
+                            "Redis refused SET .. NX GET (a server older than 7.0?); \
+                             claiming with a script from now on"
+                        );
+                    }
                 }
                 other => return other,
             }
@@ -309,18 +313,19 @@ where
     ) -> Result<bool, RedisError> {
         if self.fencing() != Fencing::Script {
             match self.replace_native(key, lock, value, ttl_ms).await {
-                Err(err) if err.code() == Some("ERR") && err.to_string().contains("syntax") => {
-                    tracing::info!(
-                        "Redis does not support SET .. IFEQ (server older than 8.4); \
-                         fencing with a script from now on"
-                    );
-                    self.fencing.store(Fencing::Script as u8, Ordering::Relaxed);
+                // Redis < 8.4 answers "ERR syntax error"; a proxy or another server may word its
+                // refusal differently. Any ERR-coded refusal switches to the script: needlessly,
+                // that costs only speed, while missing one would fail every complete.
+                Err(err) if is_refusal(&err) => {
+                    if self.set_fencing(Fencing::Script) {
+                        tracing::info!(
+                            error = %err,
+                            "Redis refused SET .. IFEQ (a server older than 8.4?); \
+                             fencing with a script from now on"
+                        );
+                    }
                 }
-                Ok(replaced) => {
-                    self.fencing.store(Fencing::Native as u8, Ordering::Relaxed);
-                    return Ok(replaced);
-                }
-                Err(err) => return Err(err),
+                other => return other,
             }
         }
         let prefix = RunningRecord::owner_prefix(lock.owner());
@@ -365,11 +370,20 @@ where
                 .arg("PX")
                 .arg(ttl_ms);
             let reply: redis::Value = self.query(&cmd).await?;
+            self.set_fencing(Fencing::Native);
             if !matches!(reply, redis::Value::Nil) {
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// Records the fencing mode; returns whether it changed. Written only on a change, so the
+    /// shared flag is not written on every operation.
+    fn set_fencing(&self, mode: Fencing) -> bool {
+        let mode = mode as u8;
+        self.fencing.load(Ordering::Relaxed) != mode
+            && self.fencing.swap(mode, Ordering::Relaxed) != mode
     }
 }
 
@@ -403,6 +417,12 @@ fn command(name: &str, args: usize, data: usize) -> Cmd {
     let mut cmd = Cmd::with_capacity(args, name.len() + data + 32);
     cmd.arg(name);
     cmd
+}
+
+/// Whether the server refused a command it does not know or whose options it does not accept
+/// (an `ERR`-coded reply), as opposed to failing to run it.
+fn is_refusal(err: &RedisError) -> bool {
+    err.code() == Some("ERR")
 }
 
 /// Whether `value` is a running record written for `lock`.
