@@ -38,6 +38,9 @@ where
             continue;
         };
         let n = data.remaining();
+        if n == 0 {
+            continue;
+        }
         len = len.saturating_add(n);
         if len > limit {
             return Err(ReadError::TooLarge);
@@ -45,12 +48,18 @@ where
         if let Some(joined) = &mut joined {
             joined.extend_from_slice(&data.copy_to_bytes(n));
         } else if let Some(head) = &first {
+            // Sized from the size hint, but never far beyond what has arrived: a client may
+            // announce a large body and then stall, and a response's hint may be wrong.
             let hint = usize::try_from(body.size_hint().lower()).unwrap_or(0);
-            let mut buf = BytesMut::with_capacity(len.saturating_add(hint).min(limit));
+            let capacity = len
+                .saturating_add(hint)
+                .min(limit)
+                .min(len.saturating_mul(2).max(16 * 1024));
+            let mut buf = BytesMut::with_capacity(capacity);
             buf.extend_from_slice(head);
             buf.extend_from_slice(&data.copy_to_bytes(n));
             joined = Some(buf);
-        } else if n > 0 {
+        } else {
             first = Some(data.copy_to_bytes(n));
         }
     }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use quick_cache::OptionsBuilder;
 use quick_cache::sync::Cache;
 
 use crate::record::CompletedRecord;
@@ -58,6 +59,18 @@ impl std::fmt::Debug for LocalCache {
     }
 }
 
+/// The least share of `max_bytes` a shard gets, so that a record of up to about this size is
+/// cached whenever `max_bytes` allows it.
+const SHARD_MIN_BYTES: u64 = 1 << 20;
+
+fn prev_power_of_two(n: usize) -> usize {
+    if n.is_power_of_two() {
+        n
+    } else {
+        n.next_power_of_two() / 2
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -70,13 +83,29 @@ fn remaining(record: &CompletedRecord) -> Duration {
 
 impl LocalCache {
     /// A cache of at most `max_entries` records and `max_bytes` bytes of records.
+    ///
+    /// The cache is split into shards (fewer locks to contend on), each with its share of
+    /// `max_bytes`; a record larger than about one shard's share is not cached. There are as
+    /// many shards as leave each at least 1 MiB (the layer's default `max_response_body`), up
+    /// to four per CPU, and one when `max_bytes` is under 2 MiB.
     pub fn new(max_entries: u64, max_bytes: u64) -> Self {
         let max_entries = max_entries.max(1);
         let max_bytes = max_bytes.max(1);
         let floor = (max_bytes / max_entries).max(1);
-        let cache = Cache::with(
-            usize::try_from(max_entries).unwrap_or(usize::MAX),
-            max_bytes,
+        // No record encodes to less than 46 bytes, so the bytes bound the entries too; the
+        // estimate also sizes the cache's memory of recently evicted keys.
+        let items = max_entries.min(max_bytes / 46).max(1);
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let by_size = usize::try_from(max_bytes / SHARD_MIN_BYTES).unwrap_or(usize::MAX);
+        let shards = prev_power_of_two(by_size.min(cpus * 4).max(1));
+        let options = OptionsBuilder::new()
+            .estimated_items_capacity(usize::try_from(items).unwrap_or(usize::MAX))
+            .weight_capacity(max_bytes)
+            .shards(shards)
+            .build()
+            .expect("valid cache options");
+        let cache = Cache::with_options(
+            options,
             Weight { floor },
             foldhash::fast::RandomState::default(),
             Default::default(),
@@ -98,7 +127,8 @@ impl LocalCache {
     pub(crate) fn get(&self, key: &str) -> Option<Arc<CompletedRecord>> {
         let record = self.inner.cache.get(key)?;
         if remaining(&record).is_zero() {
-            self.inner.cache.remove(key);
+            // Only if still expired: a fresh record may have replaced it meanwhile.
+            self.inner.cache.remove_if(key, |r| remaining(r).is_zero());
             return None;
         }
         Some(record)
@@ -113,8 +143,14 @@ impl LocalCache {
         // happened: O(1) per insert, amortized, and an expired entry holds its memory only until
         // the cache has turned over about once.
         let inserts = self.inner.inserts.fetch_add(1, Ordering::Relaxed) + 1;
-        if inserts >= self.inner.sweep_every.load(Ordering::Relaxed) {
-            self.inner.inserts.store(0, Ordering::Relaxed);
+        // One sweeper: the insert that resets the count.
+        if inserts >= self.inner.sweep_every.load(Ordering::Relaxed)
+            && self
+                .inner
+                .inserts
+                .compare_exchange(inserts, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
             let now = now_ms();
             self.inner.cache.retain(|_, r| r.expires_at_ms > now);
             let left = self.inner.cache.len().max(64);
@@ -183,5 +219,34 @@ mod tests {
         }
         assert!(cache.entry_count() <= 200, "{}", cache.entry_count());
         assert!(cache.get("new199").is_some());
+    }
+
+    /// The cache is sharded, each shard holding a share of the bytes: a record of a few hundred
+    /// KB must still be cached in a 1 MB cache, whatever the number of CPUs.
+    #[test]
+    fn large_records_within_the_bytes_bound_are_cached() {
+        let cache = LocalCache::new(10_000, 1_000_000);
+        cache.insert("big", record(200_000, 60_000));
+        assert!(cache.get("big").is_some());
+        let cache = LocalCache::new(10_000, 64 << 20);
+        cache.insert("big", record(900_000, 60_000));
+        assert!(cache.get("big").is_some());
+        // Larger than the whole cache: never cached.
+        let cache = LocalCache::new(10, 1_000);
+        cache.insert("huge", record(5_000, 60_000));
+        assert!(cache.get("huge").is_none());
+    }
+
+    /// Memory stays proportional to `max_bytes` even when `max_entries` is set far higher
+    /// than the bytes allow (the cache's memory of evicted keys is sized from the entries).
+    #[test]
+    fn memory_follows_the_bytes_bound() {
+        let cache = LocalCache::new(10_000_000, 100_000);
+        for i in 0..200_000 {
+            cache.insert(&format!("k{i}"), record(10, 60_000));
+        }
+        let used = cache.inner.cache.memory_used();
+        let total = used.entries + used.map;
+        assert!(total < 2_000_000, "{used:?}");
     }
 }

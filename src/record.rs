@@ -359,8 +359,9 @@ pub(crate) fn storable_headers(headers: &HeaderMap, excluded: &[HeaderName]) -> 
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .collect();
-    // Room for one more: a replay adds `Idempotent-Replayed`.
-    let mut out = HeaderMap::with_capacity(headers.len() + 1);
+    // Room for one more: a replay adds `Idempotent-Replayed`. Only a hint, kept small:
+    // `with_capacity` panics far below the number of values a `HeaderMap` can hold.
+    let mut out = HeaderMap::with_capacity(headers.len().min(1024) + 1);
     for (name, value) in headers {
         let drop = HOP_BY_HOP.contains(name)
             || *name == header::UPGRADE
