@@ -4,7 +4,6 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -72,17 +71,6 @@ pin_project_lite::pin_project! {
         #[pin]
         kind: Kind<F, B, E>,
     }
-
-    impl<F, B, E> PinnedDrop for ResponseFuture<F, B, E> {
-        fn drop(this: Pin<&mut Self>) {
-            if let KindProj::Protected { future, owner, detach } = this.project().kind.project()
-                && let Some(future) = future.take()
-                && owner.load(Ordering::Acquire)
-            {
-                detach(future);
-            }
-        }
-    }
 }
 
 type BoxFuture<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
@@ -94,14 +82,8 @@ pin_project_lite::pin_project! {
         Passthrough { #[pin] future: F },
         // A rejection decided before any I/O.
         Ready { response: Option<Response<B>> },
-        // The protected path; `None` once it finished (or panicked). `owner` is set by the path
-        // once it holds the claim; from then on `detach` runs it to its end on the current
-        // runtime if the response future is dropped first.
-        Protected {
-            future: Option<BoxFuture<B, E>>,
-            owner: Arc<AtomicBool>,
-            detach: fn(BoxFuture<B, E>),
-        },
+        // The protected path; `None` once it finished (or panicked).
+        Protected { future: Option<BoxFuture<B, E>> },
     }
 }
 
@@ -111,31 +93,13 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             kind: Kind::Passthrough { future },
         }
     }
-}
 
-impl<F, B: Send + 'static, E: Send + 'static> ResponseFuture<F, B, E> {
-    fn protected(future: BoxFuture<B, E>, owner: Arc<AtomicBool>) -> Self {
+    fn protected(future: BoxFuture<B, E>) -> Self {
         Self {
             kind: Kind::Protected {
                 future: Some(future),
-                owner,
-                detach: detach::<B, E>,
             },
         }
-    }
-}
-
-/// Runs the rest of a protected request's future in a task of its own. Without a runtime (it
-/// is shutting down) nothing could drive it: it is dropped, and a claim it held lapses with its
-/// lease.
-///
-/// Compared with spawning every first delivery up front, a request whose client stays (nearly
-/// all of them) costs no task allocation and no hop to another worker thread.
-fn detach<B: Send + 'static, E: Send + 'static>(future: BoxFuture<B, E>) {
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move {
-            let _ = future.await;
-        });
     }
 }
 
@@ -255,16 +219,13 @@ where
         if content_length(&parts.headers).is_some_and(|len| len > config.max_request_body as u64) {
             return self.ready(&span, too_large(config.max_request_body));
         }
-        let owner = Arc::new(AtomicBool::new(false));
         let ctx = Ctx {
             store: self.store.clone(),
             config: self.config.clone(),
             scoped: String::new(),
             route: RouteName::of(&parts),
-            owner: owner.clone(),
         };
-        let future = Box::pin(run(inner, ctx, key, parts, body).instrument(span));
-        ResponseFuture::protected(future, owner)
+        ResponseFuture::protected(Box::pin(run(inner, ctx, key, parts, body).instrument(span)))
     }
 }
 
@@ -373,9 +334,6 @@ struct Ctx<St> {
     scoped: String,
     /// The route, for the warnings and errors the layer logs.
     route: RouteName,
-    /// Set once this request holds the claim: from then on, dropping the response future
-    /// detaches the rest instead of cancelling it.
-    owner: Arc<AtomicBool>,
 }
 
 /// The route of a protected request, named in the layer's warnings and errors: the span that
@@ -667,10 +625,9 @@ where
             parts.extensions.insert(key);
             let req = Request::from_parts(parts, ReqBody::from(body));
             // The owner's work runs in this task; if the client goes away it carries on in a
-            // task of its own (see `ResponseFuture`'s drop), so the handler is never cancelled
-            // halfway and the claim is always completed or released.
-            ctx.owner.store(true, Ordering::Release);
-            own(inner, ctx, req, lock).await
+            // task of its own, so the handler is never cancelled halfway and the claim is always
+            // completed or released.
+            DetachOnDrop::new(own(inner, ctx, req, lock).in_current_span()).await
         }
         Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {
             record_outcome(Outcome::Replayed);
@@ -791,6 +748,53 @@ where
                 ctx.release(&lock).await;
             }
             Ok(Response::from_parts(parts, ResBody::from(body)))
+        }
+    }
+}
+
+/// Drives a future in the caller's task; if dropped before the future finished, spawns the rest
+/// on the current runtime instead of cancelling it (without a runtime, nothing could drive it:
+/// it is dropped, and a claim it held lapses with its lease).
+///
+/// Compared with spawning up front, a request whose client stays (nearly all of them) costs no
+/// task allocation and no hop to another worker thread.
+struct DetachOnDrop<T: Send + 'static> {
+    future: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+}
+
+impl<T: Send + 'static> DetachOnDrop<T> {
+    fn new(future: impl Future<Output = T> + Send + 'static) -> Self {
+        Self {
+            future: Some(Box::pin(future)),
+        }
+    }
+}
+
+impl<T: Send + 'static> Future for DetachOnDrop<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        // Out of the slot while it is polled: if the poll panics, the future is dropped as the
+        // panic unwinds, never spawned to be polled again.
+        let mut future = self.future.take().expect("polled after completion");
+        match future.as_mut().poll(cx) {
+            Poll::Ready(output) => Poll::Ready(output),
+            Poll::Pending => {
+                self.future = Some(future);
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for DetachOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(future) = self.future.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = future.await;
+            });
         }
     }
 }

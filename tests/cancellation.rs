@@ -1,6 +1,7 @@
 //! What dropping the layer's response future does: before the request holds its claim it is
-//! cancelled like any future (nothing runs, nothing stays claimed); a panic in the protected
-//! path unwinds once and its future is never polled again.
+//! cancelled like any future (nothing runs, nothing stays claimed); after, the owner's part is
+//! detached (tests/layer.rs, client_disconnect_does_not_cancel_or_rerun); a panic in the
+//! protected path unwinds once and its future is never polled again.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -10,7 +11,10 @@ use std::time::Duration;
 use axum::body::Body;
 use http::{Request, Response, StatusCode};
 use tower::{Layer, Service, ServiceExt};
-use tower_idempotency::{IdempotencyLayer, KeySource, MemoryStore};
+use tower_idempotency::{
+    Claim, CompletedRecord, IdempotencyLayer, IdempotencyStore, KeySource, Lock, MemoryStore,
+    StoreError,
+};
 
 fn request(key: &str) -> Request<Body> {
     Request::post("/pay")
@@ -50,8 +54,35 @@ async fn a_future_dropped_unpolled_runs_nothing_and_holds_nothing() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
-/// A handler that panics where the layer calls it unprotected (no key in the body, keys not
-/// required) unwinds once; the dropped future is not handed on to be polled again.
+/// A store whose `complete` panics (after the handler ran, outside the handler's own panic
+/// guard).
+#[derive(Clone, Debug)]
+struct PanickingStore;
+
+impl IdempotencyStore for PanickingStore {
+    async fn claim(&self, _: &str, _: &Lock, _: Duration) -> Result<Claim, StoreError> {
+        Ok(Claim::Acquired)
+    }
+    async fn renew(&self, _: &str, _: &Lock, _: Duration) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    async fn complete(
+        &self,
+        _: &str,
+        _: &Lock,
+        _: &CompletedRecord,
+        _: Duration,
+    ) -> Result<bool, StoreError> {
+        panic!("the store fails")
+    }
+    async fn release(&self, _: &str, _: &Lock) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+}
+
+/// A panic in the protected path unwinds once, and the dropped future is not handed on to be
+/// polled again: neither where the layer calls the handler unprotected (no key in the body,
+/// keys not required) nor in the owner's part, which is detached when dropped unfinished.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_future_is_not_polled_again() {
     static RESUMED: AtomicUsize = AtomicUsize::new(0);
@@ -79,6 +110,15 @@ async fn a_panicking_future_is_not_polled_again() {
         .call(Request::post("/hook").body(Body::from("{}")).unwrap());
     let joined = tokio::spawn(future).await;
     assert!(joined.is_err_and(|e| e.is_panic()));
+
+    let handler = tower::service_fn(|_req: Request<Body>| async move {
+        Ok::<_, Infallible>(Response::new(Body::from("done")))
+    });
+    let mut service = IdempotencyLayer::new(PanickingStore).layer(handler);
+    let future = service.ready().await.unwrap().call(request("k"));
+    let joined = tokio::spawn(future).await;
+    assert!(joined.is_err_and(|e| e.is_panic()));
+
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(RESUMED.load(Ordering::SeqCst), 0);
 }
