@@ -37,6 +37,7 @@
 
 mod common;
 #[path = "common/conformance.rs"]
+#[macro_use]
 mod conformance;
 
 use std::collections::{BTreeMap, HashMap};
@@ -80,7 +81,7 @@ async fn cluster_store(cluster: &RedisCluster, prefix: &str) -> ClusterStore {
 // ---------------------------------------------------------------------------------------------
 
 macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
+    ([$($case:ident),* $(,)?]) => {
         mod conformance_suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,19 +98,7 @@ macro_rules! conformance {
     };
 }
 
-conformance!(
-    claim_absent_then_in_flight,
-    complete_then_replay,
-    fencing_by_owner,
-    release_frees_key,
-    renew_keeps_key,
-    lapsed_lease_is_fenced,
-    stale_note_still_owns,
-    record_ttl,
-    bodies_round_trip,
-    keys_are_independent,
-    concurrent_claims,
-);
+with_conformance_cases!(conformance!());
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.

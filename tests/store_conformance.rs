@@ -9,6 +9,7 @@
 
 mod common;
 #[path = "common/conformance.rs"]
+#[macro_use]
 mod conformance;
 
 use std::time::Duration;
@@ -27,61 +28,48 @@ async fn memory_store(_test: &str) -> (Option<TestRedis>, MemoryStore) {
     (None, MemoryStore::new())
 }
 
-async fn redis_native(test: &str) -> (Option<TestRedis>, RedisStore) {
+/// A Redis store under the test's own prefix, configured by `configure`.
+async fn redis_store(
+    test: &str,
+    configure: fn(RedisStore) -> RedisStore,
+) -> (Option<TestRedis>, RedisStore) {
     let redis = TestRedis::get();
     let store = RedisStore::new(redis.client())
         .await
         .unwrap()
         .key_prefix(unique_prefix(test));
-    (Some(redis), store)
+    (Some(redis), configure(store))
+}
+
+async fn redis_native(test: &str) -> (Option<TestRedis>, RedisStore) {
+    redis_store(test, |store| store).await
 }
 
 async fn redis_script(test: &str) -> (Option<TestRedis>, RedisStore) {
-    let redis = TestRedis::get();
-    let store = RedisStore::new(redis.client())
-        .await
-        .unwrap()
-        .key_prefix(unique_prefix(test))
-        .claim_with_script(true);
-    (Some(redis), store)
+    redis_store(test, |store| store.claim_with_script(true)).await
 }
 
 async fn redis_script_fence(test: &str) -> (Option<TestRedis>, RedisStore) {
-    let redis = TestRedis::get();
-    let store = RedisStore::new(redis.client())
+    redis_store(test, |store| store.fence_with_script(true)).await
+}
+
+/// A Redis store on `prefix`, shared with other stores of the same test.
+async fn store_on(redis: &TestRedis, prefix: &str) -> RedisStore {
+    RedisStore::new(redis.client())
         .await
         .unwrap()
-        .key_prefix(unique_prefix(test))
-        .fence_with_script(true);
-    (Some(redis), store)
+        .key_prefix(prefix)
 }
 
 /// Two stores on the same prefix: one claiming natively, one with the Lua script.
 async fn native_and_script(redis: &TestRedis, prefix: &str) -> (RedisStore, RedisStore) {
-    let store = || async {
-        RedisStore::new(redis.client())
-            .await
-            .unwrap()
-            .key_prefix(prefix)
-    };
-    (store().await, store().await.claim_with_script(true))
+    let script = store_on(redis, prefix).await.claim_with_script(true);
+    (store_on(redis, prefix).await, script)
 }
 
 macro_rules! conformance {
     ($module:ident, $make:path) => {
-        conformance!(@cases $module, $make, [
-            claim_absent_then_in_flight,
-            complete_then_replay,
-            fencing_by_owner,
-            release_frees_key,
-            renew_keeps_key,
-            lapsed_lease_is_fenced,
-            stale_note_still_owns,
-            record_ttl,
-            bodies_round_trip,
-            keys_are_independent,
-            concurrent_claims,
-        ]);
+        with_conformance_cases!(conformance!(@cases $module, $make,));
     };
     (@cases $module:ident, $make:path, [$($case:ident),* $(,)?]) => {
         mod $module {
@@ -295,15 +283,8 @@ async fn redis_fencing_follows_the_server() {
         .unwrap();
     let (native_expected, server) = server_has_set_ifeq(&info);
     let prefix = unique_prefix("fencing");
-    let auto = RedisStore::new(redis.client())
-        .await
-        .unwrap()
-        .key_prefix(prefix.clone());
-    let script = RedisStore::new(redis.client())
-        .await
-        .unwrap()
-        .key_prefix(prefix)
-        .fence_with_script(true);
+    let auto = store_on(&redis, &prefix).await;
+    let script = store_on(&redis, &prefix).await.fence_with_script(true);
     assert_eq!(auto.fencing(), Fencing::Undecided);
     assert_eq!(script.fencing(), Fencing::Script);
 
@@ -351,15 +332,7 @@ async fn redis_keys_stay_under_the_prefix() {
     let redis = TestRedis::get();
     let mut conn = connection(&redis).await;
     let prefix = unique_prefix("layout");
-    let store = RedisStore::new(redis.client())
-        .await
-        .unwrap()
-        .key_prefix(prefix.clone());
-    let script = RedisStore::new(redis.client())
-        .await
-        .unwrap()
-        .key_prefix(prefix.clone())
-        .claim_with_script(true);
+    let (store, script) = native_and_script(&redis, &prefix).await;
     let (k1, k2, k3) = (
         "0123456789abcdef0123456789abcdef",
         "fedcba9876543210fedcba9876543210",

@@ -20,6 +20,26 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tokio::sync::Barrier;
 use tower_idempotency::{Claim, CompletedRecord, Fingerprint, IdempotencyStore, Lock};
 
+/// Calls `$callback!` with the bracketed list of every case of the suite appended to `$args`,
+/// so that each file instantiating the suite runs all of its cases without listing them.
+macro_rules! with_conformance_cases {
+    ($callback:ident!($($args:tt)*)) => {
+        $callback!($($args)* [
+            claim_absent_then_in_flight,
+            complete_then_replay,
+            fencing_by_owner,
+            release_frees_key,
+            renew_keeps_key,
+            lapsed_lease_is_fenced,
+            stale_note_still_owns,
+            record_ttl,
+            bodies_round_trip,
+            keys_are_independent,
+            concurrent_claims,
+        ]);
+    };
+}
+
 /// A lease or TTL that never lapses during a test.
 pub const LONG: Duration = Duration::from_secs(10);
 
