@@ -82,8 +82,8 @@ pin_project_lite::pin_project! {
         Passthrough { #[pin] future: F },
         // A rejection decided before any I/O.
         Ready { response: Option<Response<B>> },
-        // The protected path; `None` once it finished (or panicked).
-        Protected { future: Option<BoxFuture<B, E>> },
+        // The protected path.
+        Protected { future: BoxFuture<B, E> },
     }
 }
 
@@ -96,9 +96,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
 
     fn protected(future: BoxFuture<B, E>) -> Self {
         Self {
-            kind: Kind::Protected {
-                future: Some(future),
-            },
+            kind: Kind::Protected { future },
         }
     }
 }
@@ -115,18 +113,7 @@ where
             KindProj::Ready { response } => {
                 Poll::Ready(Ok(response.take().expect("polled after completion")))
             }
-            KindProj::Protected { future, .. } => {
-                // Out of the slot while it is polled: if the poll panics, the future is dropped
-                // as the panic unwinds, never handed to `detach` to be polled again.
-                let mut running = future.take().expect("polled after completion");
-                match running.as_mut().poll(cx) {
-                    Poll::Ready(output) => Poll::Ready(output),
-                    Poll::Pending => {
-                        *future = Some(running);
-                        Poll::Pending
-                    }
-                }
-            }
+            KindProj::Protected { future } => future.as_mut().poll(cx),
         }
     }
 }
