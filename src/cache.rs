@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use quick_cache::OptionsBuilder;
 use quick_cache::sync::Cache;
 
-use crate::record::CompletedRecord;
+use crate::record::{CompletedRecord, unix_ms};
 
 /// A bounded in-process cache of **completed** records, so that replaying a hot key needs no
 /// store round trip. Give it to [`IdempotencyLayer::local_cache`](crate::IdempotencyLayer::local_cache).
@@ -71,14 +71,8 @@ fn prev_power_of_two(n: usize) -> usize {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn remaining(record: &CompletedRecord) -> Duration {
-    Duration::from_millis(record.expires_at_ms.saturating_sub(now_ms()))
+    Duration::from_millis(record.expires_at_ms.saturating_sub(unix_ms()))
 }
 
 impl LocalCache {
@@ -151,7 +145,7 @@ impl LocalCache {
                 .compare_exchange(inserts, 0, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            let now = now_ms();
+            let now = unix_ms();
             self.inner.cache.retain(|_, r| r.expires_at_ms > now);
             let left = self.inner.cache.len().max(64);
             self.inner.sweep_every.store(left, Ordering::Relaxed);
@@ -174,7 +168,7 @@ mod tests {
             Bytes::from(vec![0; body]),
             false,
         )
-        .with_expiry(now_ms() + ttl_ms)
+        .with_expiry(unix_ms() + ttl_ms)
     }
 
     #[test]

@@ -349,6 +349,14 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Milliseconds since the Unix epoch on this machine's wall clock: the clock of record expiries
+/// and lease deadlines, in the store and in the cache alike.
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Copies the headers worth storing: everything but hop-by-hop headers, headers the `Connection`
 /// header names, `Upgrade`, and the caller's `excluded` list.
 pub(crate) fn storable_headers(headers: &HeaderMap, excluded: &[HeaderName]) -> HeaderMap {

@@ -19,7 +19,7 @@ use crate::fingerprint::{Fingerprint, digest_fields};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::Config;
 use crate::metrics;
-use crate::record::{CompletedRecord, storable_headers};
+use crate::record::{CompletedRecord, storable_headers, unix_ms};
 use crate::rejection::{Rejection, RejectionKind};
 use crate::store::{Claim, IdempotencyStore, Lock, StoreError};
 
@@ -276,7 +276,8 @@ fn render<B: From<Bytes>>(config: &Config, rejection: &Rejection) -> Response<B>
     response.map(B::from)
 }
 
-/// The route part of the scope: the matched route where the router provides it, else the path.
+/// The route part of the scope: the matched route where the router provides it, else the path
+/// (borrowed, for the span; [`RouteName::of`] keeps it for the rest of the request).
 fn route(parts: &request::Parts) -> &str {
     #[cfg(feature = "axum")]
     if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
@@ -288,8 +289,13 @@ fn route(parts: &request::Parts) -> &str {
 /// The key the store sees: 32 hex characters of BLAKE3 over the route, the caller scope and the
 /// idempotency key, each length-prefixed. Fixed-size, so a store key never grows with the input,
 /// and free of the raw key.
-fn scoped_key(parts: &request::Parts, config: &Config, key: &IdempotencyKey) -> String {
-    let route = route(parts).as_bytes();
+fn scoped_key(
+    parts: &request::Parts,
+    route: &RouteName,
+    config: &Config,
+    key: &IdempotencyKey,
+) -> String {
+    let route = route.as_str().as_bytes();
     let namespace = config.namespace.as_deref().unwrap_or("").as_bytes();
     let caller = config.scope.as_ref().and_then(|f| f(parts));
     let digest = match &caller {
@@ -334,6 +340,7 @@ enum RouteName {
 }
 
 impl RouteName {
+    /// The same rule as [`route`], owned.
     fn of(parts: &request::Parts) -> Self {
         #[cfg(feature = "axum")]
         if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
@@ -343,13 +350,19 @@ impl RouteName {
     }
 }
 
-impl std::fmt::Display for RouteName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl RouteName {
+    fn as_str(&self) -> &str {
         match self {
             #[cfg(feature = "axum")]
-            Self::Matched(matched) => f.write_str(matched.as_str()),
-            Self::Path(uri) => f.write_str(uri.path()),
+            Self::Matched(matched) => matched.as_str(),
+            Self::Path(uri) => uri.path(),
         }
+    }
+}
+
+impl std::fmt::Display for RouteName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -577,7 +590,7 @@ where
         Ok(None) => return Ok(ctx.reject(missing_key(&ctx.config))),
         Err(err) => return Ok(ctx.reject(invalid_key(err))),
     };
-    ctx.scoped = scoped_key(&parts, &ctx.config, &key);
+    ctx.scoped = scoped_key(&parts, &ctx.route, &ctx.config, &key);
     let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
     let lock = Lock::new(fingerprint);
 
@@ -793,12 +806,6 @@ fn debug_clock() -> Option<Instant> {
 
 fn millis_since(started: Instant) -> f64 {
     started.elapsed().as_secs_f64() * 1e3
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn replay<B: From<Bytes>>(record: CompletedRecord) -> Response<B> {

@@ -3,14 +3,14 @@
 use std::sync::Arc;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 
 use super::{Claim, IdempotencyStore, Lock, StoreError};
-use crate::record::{CompletedRecord, RunningRecord, Stored};
+use crate::record::{CompletedRecord, RunningRecord, Stored, unix_ms};
 
 /// A Lua script and its SHA-1, computed once.
 struct Lua {
@@ -431,12 +431,6 @@ fn is_running_record_of(value: &[u8], lock: &Lock) -> bool {
         && value.starts_with(&RunningRecord::owner_prefix(lock.owner()))
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn millis(d: Duration) -> u64 {
     // Redis rejects a PX of 0 (a zero duration means "expire at once", i.e. 1 ms) and one that
     // overflows its clock (capped at 100 years here).
@@ -448,7 +442,7 @@ fn millis(d: Duration) -> u64 {
 
 /// The running record of `lock` with a deadline `lease` from now, and that deadline.
 fn running_record(lock: &Lock, lease: Duration) -> ([u8; RunningRecord::LEN], u64) {
-    let deadline_ms = now_ms().saturating_add(millis(lease)).max(1);
+    let deadline_ms = unix_ms().saturating_add(millis(lease)).max(1);
     (running_record_at(lock, deadline_ms), deadline_ms)
 }
 
@@ -479,7 +473,7 @@ where
         match Stored::decode(existing)? {
             Stored::Running(r) => Ok(Claim::InFlight {
                 fingerprint: r.fingerprint,
-                retry_after: Duration::from_millis(r.deadline_ms.saturating_sub(now_ms())),
+                retry_after: Duration::from_millis(r.deadline_ms.saturating_sub(unix_ms())),
             }),
             Stored::Completed(record) => Ok(Claim::Completed(record)),
         }
