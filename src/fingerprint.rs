@@ -36,18 +36,12 @@ impl Fingerprint {
 /// inputs (the usual case: a scope key, a small JSON body) are laid out in one stack buffer and
 /// hashed with a single call, which costs far less than many small `update`s.
 pub(crate) fn digest_fields(fields: &[&[u8]]) -> blake3::Hash {
-    const INLINE: usize = 1024;
     let total: usize = fields.iter().map(|f| 8 + f.len()).sum();
-    if total <= INLINE {
-        let mut buf = [0u8; INLINE];
-        let mut at = 0;
-        for field in fields {
-            buf[at..at + 8].copy_from_slice(&(field.len() as u64).to_le_bytes());
-            at += 8;
-            buf[at..at + field.len()].copy_from_slice(field);
-            at += field.len();
-        }
-        blake3::hash(&buf[..at])
+    // Two sizes of buffer, so the usual short input does not pay for zeroing the larger one.
+    if total <= 256 {
+        digest_inline::<256>(fields, total)
+    } else if total <= 1024 {
+        digest_inline::<1024>(fields, total)
     } else {
         let mut hasher = blake3::Hasher::new();
         for field in fields {
@@ -56,6 +50,19 @@ pub(crate) fn digest_fields(fields: &[&[u8]]) -> blake3::Hash {
         }
         hasher.finalize()
     }
+}
+
+fn digest_inline<const N: usize>(fields: &[&[u8]], total: usize) -> blake3::Hash {
+    let mut buf = [0u8; N];
+    let mut at = 0;
+    for field in fields {
+        buf[at..at + 8].copy_from_slice(&(field.len() as u64).to_le_bytes());
+        at += 8;
+        buf[at..at + field.len()].copy_from_slice(field);
+        at += field.len();
+    }
+    debug_assert_eq!(at, total);
+    blake3::hash(&buf[..at])
 }
 
 impl std::fmt::Debug for Fingerprint {
@@ -110,9 +117,10 @@ mod tests {
             hasher.finalize()
         };
         let big = vec![7u8; 5000];
-        // The fields add 36 bytes of lengths, method and path: a 988-byte body makes exactly
-        // 1024, the largest input hashed in one call.
-        for body_len in [0, 1, 100, 987, 988, 989, 1024, 5000] {
+        // The fields add 36 bytes of lengths, method and path: a 220-byte body makes exactly
+        // 256, the largest input of the small buffer, and a 988-byte body 1024, the largest
+        // input hashed in one call.
+        for body_len in [0, 1, 100, 219, 220, 221, 987, 988, 989, 1024, 5000] {
             let fields: [&[u8]; 3] = [b"POST", b"/pay?x=1", &big[..body_len]];
             assert_eq!(
                 digest_fields(&fields),

@@ -308,12 +308,12 @@ fn scoped_key(
         ]),
         None => digest_fields(&[route, namespace, b"\x00", key.as_str().as_bytes()]),
     };
-    let mut out = String::with_capacity(32);
-    for b in &digest.as_bytes()[..16] {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    let mut hex = [0u8; 32];
+    for (pair, b) in hex.chunks_exact_mut(2).zip(&digest.as_bytes()[..16]) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
-    out
+    String::from(std::str::from_utf8(&hex).expect("hex digits are ASCII"))
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
