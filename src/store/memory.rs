@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::{Claim, IdempotencyStore, Lock, StoreError};
@@ -19,8 +20,10 @@ use crate::record::CompletedRecord;
 ///
 /// Expired entries are removed as new keys are claimed (a sweep whenever the number of claims since
 /// the last sweep reaches the number of entries that sweep left), so memory stays proportional to
-/// the live entries and sweeping costs O(1) per claim, amortized. Clones share the same entries. Time is [`tokio::time::Instant`], so tests with a
-/// paused clock can move TTLs forward.
+/// the live entries and sweeping costs O(1) per claim, amortized. Completed records are kept
+/// encoded, as Redis keeps them: one allocation each, about the size of the body and its
+/// headers; a replay decodes its record and shares the body. Clones share the same entries.
+/// Time is [`tokio::time::Instant`], so tests with a paused clock can move TTLs forward.
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
@@ -28,13 +31,49 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Inner {
+    // The keys the layer passes are digests, 32 lowercase hex digits: kept as the 128-bit number
+    // they spell, in the slot itself (no allocation per key, no pointer to follow when probing or
+    // rehashing a large table). Any other key, from direct use of the store, is kept as text.
     // foldhash, seeded per process: several times cheaper than SipHash on these short keys, and
-    // still not predictable from outside (the keys the layer passes are digests anyway).
-    entries: HashMap<Box<str>, Entry, foldhash::fast::RandomState>,
+    // still not predictable from outside.
+    digests: HashMap<u128, Entry, foldhash::fast::RandomState>,
+    named: HashMap<Box<str>, Entry, foldhash::fast::RandomState>,
     claims_since_sweep: usize,
     /// Claims between sweeps: the number of entries left by the last sweep (at least 64), so a
     /// sweep's cost is paid for by as many claims.
     sweep_every: usize,
+}
+
+/// A key as [`Inner`] files it.
+#[derive(Clone, Copy)]
+enum Key<'a> {
+    Digest(u128),
+    Named(&'a str),
+}
+
+impl<'a> Key<'a> {
+    fn of(key: &'a str) -> Self {
+        digest(key).map_or(Self::Named(key), Self::Digest)
+    }
+}
+
+/// The number spelled by exactly 32 lowercase hex digits; `None` for any other text (so no two
+/// different keys map to the same number).
+fn digest(key: &str) -> Option<u128> {
+    let bytes = key.as_bytes();
+    if bytes.len() != 32 {
+        return None;
+    }
+    let mut n = 0u128;
+    for &b in bytes {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return None,
+        };
+        n = (n << 4) | u128::from(d);
+    }
+    Some(n)
 }
 
 enum Entry {
@@ -43,10 +82,11 @@ enum Entry {
         fingerprint: Fingerprint,
         deadline: Instant,
     },
-    // Boxed: a record is several times the size of a running entry, and every slot of the
-    // table is as large as its largest variant (rehashing and sweeping move and scan them all).
+    // The record encoded, as the Redis store keeps it: one allocation, about the size of the
+    // body plus its headers, instead of a header map and its parts; a replay decodes it (the
+    // body is shared, not copied).
     Completed {
-        record: Box<CompletedRecord>,
+        record: Bytes,
         expires: Instant,
     },
 }
@@ -75,7 +115,7 @@ impl Entry {
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("entries", &self.lock().entries.len())
+            .field("entries", &self.lock().len())
             .finish()
     }
 }
@@ -88,7 +128,7 @@ impl MemoryStore {
 
     /// The number of entries held, including expired ones not yet swept.
     pub fn len(&self) -> usize {
-        self.lock().entries.len()
+        self.lock().len()
     }
 
     /// Whether the store holds no entries.
@@ -107,7 +147,7 @@ impl MemoryStore {
     fn replace_owned(&self, key: &str, lock: &Lock, f: impl FnOnce() -> Entry) -> bool {
         let now = Instant::now();
         let mut inner = self.lock();
-        match inner.entries.get_mut(key) {
+        match inner.get_mut(Key::of(key)) {
             Some(entry) if entry.is_owned_by(lock, now) => {
                 *entry = f();
                 true
@@ -124,12 +164,45 @@ fn deadline(now: Instant, d: Duration) -> Instant {
 }
 
 impl Inner {
+    fn len(&self) -> usize {
+        self.digests.len() + self.named.len()
+    }
+
+    fn get(&self, key: Key<'_>) -> Option<&Entry> {
+        match key {
+            Key::Digest(n) => self.digests.get(&n),
+            Key::Named(name) => self.named.get(name),
+        }
+    }
+
+    fn get_mut(&mut self, key: Key<'_>) -> Option<&mut Entry> {
+        match key {
+            Key::Digest(n) => self.digests.get_mut(&n),
+            Key::Named(name) => self.named.get_mut(name),
+        }
+    }
+
+    fn insert(&mut self, key: Key<'_>, entry: Entry) {
+        match key {
+            Key::Digest(n) => self.digests.insert(n, entry),
+            Key::Named(name) => self.named.insert(name.into(), entry),
+        };
+    }
+
+    fn remove(&mut self, key: Key<'_>) {
+        match key {
+            Key::Digest(n) => self.digests.remove(&n),
+            Key::Named(name) => self.named.remove(name),
+        };
+    }
+
     fn sweep_if_due(&mut self, now: Instant) {
         self.claims_since_sweep += 1;
         if self.claims_since_sweep >= self.sweep_every.max(64) {
-            self.entries.retain(|_, e| e.expires() > now);
+            self.digests.retain(|_, e| e.expires() > now);
+            self.named.retain(|_, e| e.expires() > now);
             self.claims_since_sweep = 0;
-            self.sweep_every = self.entries.len();
+            self.sweep_every = self.len();
         }
     }
 }
@@ -137,9 +210,10 @@ impl Inner {
 impl IdempotencyStore for MemoryStore {
     async fn claim(&self, key: &str, lock: &Lock, lease: Duration) -> Result<Claim, StoreError> {
         let now = Instant::now();
+        let key = Key::of(key);
         let mut inner = self.lock();
         inner.sweep_if_due(now);
-        match inner.entries.get(key) {
+        match inner.get(key) {
             Some(Entry::Running {
                 fingerprint,
                 deadline,
@@ -149,11 +223,15 @@ impl IdempotencyStore for MemoryStore {
                 retry_after: *deadline - now,
             }),
             Some(Entry::Completed { record, expires }) if *expires > now => {
-                Ok(Claim::Completed(CompletedRecord::clone(record)))
+                let record = record.clone();
+                drop(inner);
+                Ok(Claim::Completed(
+                    CompletedRecord::decode(record).map_err(StoreError::Corrupt)?,
+                ))
             }
             _ => {
                 let entry = Entry::running(lock, deadline(now, lease));
-                inner.entries.insert(key.into(), entry);
+                inner.insert(key, entry);
                 Ok(Claim::Acquired)
             }
         }
@@ -172,21 +250,17 @@ impl IdempotencyStore for MemoryStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let expires = deadline(Instant::now(), ttl);
-        Ok(self.replace_owned(key, lock, || Entry::Completed {
-            record: Box::new(record.clone()),
-            expires,
-        }))
+        let record = Bytes::from(record.encode());
+        Ok(self.replace_owned(key, lock, || Entry::Completed { record, expires }))
     }
 
     async fn release(&self, key: &str, lock: &Lock) -> Result<bool, StoreError> {
         let now = Instant::now();
+        let key = Key::of(key);
         let mut inner = self.lock();
-        let owned = inner
-            .entries
-            .get(key)
-            .is_some_and(|e| e.is_owned_by(lock, now));
+        let owned = inner.get(key).is_some_and(|e| e.is_owned_by(lock, now));
         if owned {
-            inner.entries.remove(key);
+            inner.remove(key);
         }
         Ok(owned)
     }
@@ -200,18 +274,100 @@ mod tests {
     async fn expired_entries_are_swept() {
         let store = MemoryStore::new();
         let lease = Duration::from_secs(1);
+        // Half of the keys in the layer's digest form, half not: both kinds are swept.
+        let key = |tag: &str, i: usize| match i % 2 {
+            0 => format!("{tag}{i}"),
+            _ => format!("{:032x}", (i as u128) << 8 | u128::from(tag.as_bytes()[0])),
+        };
         for i in 0..100 {
             let lock = Lock::new(Fingerprint([0; 32]));
-            store.claim(&format!("k{i}"), &lock, lease).await.unwrap();
+            store.claim(&key("k", i), &lock, lease).await.unwrap();
         }
         assert_eq!(store.len(), 100);
+        assert_eq!(store.lock().digests.len(), 50);
         tokio::time::advance(Duration::from_secs(2)).await;
         for i in 0..100 {
             let lock = Lock::new(Fingerprint([0; 32]));
-            store.claim(&format!("n{i}"), &lock, lease).await.unwrap();
+            store.claim(&key("n", i), &lock, lease).await.unwrap();
         }
         // The old 100 are gone once the sweep ran; only (some of) the new ones remain.
         assert!(store.len() <= 100, "len {}", store.len());
         assert!(!store.is_empty());
+    }
+
+    #[test]
+    fn only_lowercase_32_digit_hex_is_filed_as_a_digest() {
+        let lower = "0123456789abcdef0123456789abcdef";
+        assert_eq!(digest(lower), Some(0x0123456789abcdef0123456789abcdef));
+        assert_eq!(digest(&"f".repeat(32)), Some(u128::MAX));
+        for other in [
+            "0123456789ABCDEF0123456789abcdef",
+            "0123456789abcdef0123456789abcde",
+            "0123456789abcdef0123456789abcdef0",
+            "0123456789abcdef0123456789abcdeg",
+            "+123456789abcdef0123456789abcdef",
+            "",
+        ] {
+            assert_eq!(digest(other), None, "{other:?}");
+        }
+    }
+
+    /// Keys that spell the same number in another form are different keys.
+    #[tokio::test]
+    async fn digest_and_named_keys_do_not_collide() {
+        let store = MemoryStore::new();
+        let lease = Duration::from_secs(30);
+        let keys = [
+            "00000000000000000000000000000abc",
+            "00000000000000000000000000000ABC",
+            "abc",
+            "0000000000000000000000000000000abc",
+        ];
+        for key in keys {
+            let lock = Lock::new(Fingerprint([1; 32]));
+            let claim = store.claim(key, &lock, lease).await.unwrap();
+            assert!(matches!(claim, Claim::Acquired), "{key}: {claim:?}");
+        }
+        assert_eq!(store.len(), keys.len());
+        assert_eq!(store.lock().digests.len(), 1);
+        for key in keys {
+            let lock = Lock::new(Fingerprint([1; 32]));
+            let claim = store.claim(key, &lock, lease).await.unwrap();
+            assert!(matches!(claim, Claim::InFlight { .. }), "{key}: {claim:?}");
+        }
+    }
+
+    /// A record comes back as it was stored, through its encoding.
+    #[tokio::test]
+    async fn completed_records_round_trip() {
+        let store = MemoryStore::new();
+        let key = "0123456789abcdef0123456789abcdef";
+        let lock = Lock::new(Fingerprint([2; 32]));
+        store
+            .claim(key, &lock, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let mut headers = http::HeaderMap::new();
+        headers.append("x-a", http::HeaderValue::from_static("1"));
+        headers.append("x-a", http::HeaderValue::from_static("2"));
+        let record = CompletedRecord::new(
+            Fingerprint([2; 32]),
+            http::StatusCode::ACCEPTED,
+            headers,
+            Bytes::from_static(b"done"),
+            false,
+        )
+        .with_expiry(1_234);
+        assert!(
+            store
+                .complete(key, &lock, &record, Duration::from_secs(60))
+                .await
+                .unwrap()
+        );
+        let other = Lock::new(Fingerprint([2; 32]));
+        match store.claim(key, &other, Duration::from_secs(30)).await {
+            Ok(Claim::Completed(stored)) => assert_eq!(stored, record),
+            other => panic!("{other:?}"),
+        }
     }
 }
