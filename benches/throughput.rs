@@ -15,11 +15,16 @@
 //! | `BENCH_SECS` | measured seconds per variant per round | 1.5 |
 //! | `BENCH_WARMUP_MS` | unmeasured warm-up before each measurement | 300 |
 //! | `BENCH_CONCURRENCY` | requests in flight (one keep-alive connection each) | 64 |
-//! | `BENCH_SERVER_THREADS` | worker threads of the servers' runtime | 2 |
+//! | `BENCH_SERVER_THREADS` | worker threads of the servers' runtime (see below) | 1 |
 //! | `BENCH_BODY` | response body size in bytes | 100 |
 //! | `BENCH_VARIANTS` | comma-separated subset: plain, memory, redis-first, redis-replay, baseline-first, baseline-replay, baseline-fenced | all |
 //! | `BENCH_MEMORY` | `0` skips the memory-per-record measurement | 1 |
 //! | `REDIS_SERVER` | the `redis-server` binary | `redis-server` |
+//!
+//! One server thread by default: with the load generator's thread beside it, that keeps one core
+//! for the server on a two-core machine. With two server threads, three busy threads share two
+//! cores and the scheduler's interleaving moves the rates by ±20 % from round to round (the
+//! generator slows the server it measures); on larger machines raise it.
 
 #![allow(clippy::print_stdout)]
 
@@ -91,7 +96,7 @@ impl Settings {
             secs: env_or("BENCH_SECS", 1.5f64),
             warmup: Duration::from_millis(env_or("BENCH_WARMUP_MS", 300u64)),
             concurrency: env_or("BENCH_CONCURRENCY", 64usize).max(1),
-            server_threads: env_or("BENCH_SERVER_THREADS", 2usize).max(1),
+            server_threads: env_or("BENCH_SERVER_THREADS", 1usize).max(1),
             body: env_or("BENCH_BODY", 100usize),
             variants,
             memory: env_or("BENCH_MEMORY", 1u8) != 0,
