@@ -617,7 +617,8 @@ where
     if matches!(&claim, Ok(Claim::InFlight { fingerprint: holder, .. }) if *holder == fingerprint)
         && !ctx.config.wait_in_flight.is_zero()
     {
-        claim = ctx.wait_in_flight(&lock, claim).await;
+        // Boxed: waiting is rare, and its future would make every request's future larger.
+        claim = Box::pin(ctx.wait_in_flight(&lock, claim)).await;
     }
     match claim {
         Ok(Claim::Acquired) => {
