@@ -212,7 +212,14 @@ where
             scoped: String::new(),
             route: RouteName::of(&parts),
         };
-        ResponseFuture::protected(Box::pin(run(inner, ctx, key, parts, body).instrument(span)))
+        let future = run(inner, ctx, key, parts, body);
+        // A disabled span (no subscriber, or `DEBUG` filtered out, as in most production
+        // setups) is not entered and left on every poll.
+        ResponseFuture::protected(if span.is_disabled() {
+            Box::pin(future)
+        } else {
+            Box::pin(future.instrument(span))
+        })
     }
 }
 
@@ -628,7 +635,13 @@ where
             // The owner's work runs in this task; if the client goes away it carries on in a
             // task of its own, so the handler is never cancelled halfway and the claim is always
             // completed or released.
-            DetachOnDrop::new(own(inner, ctx, req, lock).in_current_span()).await
+            let owner = own(inner, ctx, req, lock);
+            let span = Span::current();
+            if span.is_disabled() {
+                DetachOnDrop::new(owner).await
+            } else {
+                DetachOnDrop::new(owner.instrument(span)).await
+            }
         }
         Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {
             record_outcome(Outcome::Replayed);
