@@ -10,6 +10,9 @@
 //! | `idempotency_leases_lost_total` | counter | |
 //! | `idempotency_cache_hits_total` | counter | |
 //! | `idempotency_cache_misses_total` | counter | |
+//!
+//! A request's claim, handler and `complete` (or `release`) are timed back to back with one
+//! `Stopwatch`: four clock reads for the three instead of six.
 
 /// Calls `$mac!` with `$value` as a literal label value, so the metric's key is a `static`
 /// (no allocation per call): the `metrics` macros build keys with non-literal labels at run time.
@@ -23,21 +26,33 @@ macro_rules! with_static_label {
     };
 }
 
-/// A point in time for a duration metric; free (no clock read) without the `metrics` feature.
-#[derive(Clone, Copy)]
-pub(crate) struct Started(#[cfg(feature = "metrics")] std::time::Instant);
+/// The clock of the duration metrics: [`lap`](Self::lap) reads the time once and gives the time
+/// since the previous lap (or the start), so the consecutive phases of a request (claim, handler,
+/// complete) share their boundaries' clock reads. Free (no clock read) without the `metrics`
+/// feature.
+pub(crate) struct Stopwatch(#[cfg(feature = "metrics")] std::time::Instant);
 
-impl Started {
-    pub(crate) fn now() -> Self {
+/// The length of one phase, for a duration metric.
+pub(crate) struct Lap(#[cfg(feature = "metrics")] f64);
+
+impl Stopwatch {
+    pub(crate) fn start() -> Self {
         Self(
             #[cfg(feature = "metrics")]
             std::time::Instant::now(),
         )
     }
 
-    #[cfg(feature = "metrics")]
-    fn seconds(self) -> f64 {
-        self.0.elapsed().as_secs_f64()
+    pub(crate) fn lap(&mut self) -> Lap {
+        #[cfg(feature = "metrics")]
+        {
+            let now = std::time::Instant::now();
+            let seconds = now.duration_since(self.0).as_secs_f64();
+            self.0 = now;
+            Lap(seconds)
+        }
+        #[cfg(not(feature = "metrics"))]
+        Lap()
     }
 }
 
@@ -59,8 +74,8 @@ pub(crate) fn outcome(outcome: &'static str) {
 }
 
 #[cfg(feature = "metrics")]
-pub(crate) fn store_op(op: &'static str, started: Started, ok: bool) {
-    let seconds = started.seconds();
+pub(crate) fn store_op(op: &'static str, lap: Lap, ok: bool) {
+    let seconds = lap.0;
     with_static_label!(
         op,
         ["claim", "renew", "complete", "release"],
@@ -76,8 +91,8 @@ pub(crate) fn store_op(op: &'static str, started: Started, ok: bool) {
 }
 
 #[cfg(feature = "metrics")]
-pub(crate) fn handler(started: Started) {
-    metrics::histogram!("idempotency_handler_duration_seconds").record(started.seconds());
+pub(crate) fn handler(lap: Lap) {
+    metrics::histogram!("idempotency_handler_duration_seconds").record(lap.0);
 }
 
 #[cfg(feature = "metrics")]
@@ -89,10 +104,10 @@ pub(crate) fn count(name: &'static str) {
 pub(crate) fn outcome(_: &'static str) {}
 
 #[cfg(not(feature = "metrics"))]
-pub(crate) fn store_op(_: &'static str, _: Started, _: bool) {}
+pub(crate) fn store_op(_: &'static str, _: Lap, _: bool) {}
 
 #[cfg(not(feature = "metrics"))]
-pub(crate) fn handler(_: Started) {}
+pub(crate) fn handler(_: Lap) {}
 
 #[cfg(not(feature = "metrics"))]
 pub(crate) fn count(_: &'static str) {}

@@ -18,7 +18,7 @@ use crate::body::{ReadError, read_to_bytes};
 use crate::fingerprint::{Fingerprint, digest_fields};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::Config;
-use crate::metrics;
+use crate::metrics::{self, Stopwatch};
 use crate::record::{CompletedRecord, storable_headers, unix_ms};
 use crate::rejection::{Rejection, RejectionKind};
 use crate::store::{Claim, IdempotencyStore, Lock, StoreError};
@@ -374,16 +374,17 @@ impl std::fmt::Display for RouteName {
 }
 
 impl<St: IdempotencyStore> Ctx<St> {
-    /// Runs store operation `name` within the store timeout, and measures it.
+    /// Runs store operation `name` within the store timeout, and measures it: its duration is
+    /// `watch`'s lap when it ends, so `watch` must have been started or lapped just before.
     ///
     /// The operation is polled once before any timer exists: a store that answers at once (the
     /// in-memory one, a cache) costs no timer registration and no clock read.
     async fn with_timeout<T>(
         &self,
         name: &'static str,
+        watch: &mut Stopwatch,
         op: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let started = metrics::Started::now();
         let timeout = self.config.store_timeout;
         let mut op = std::pin::pin!(op);
         // Polled unconstrained, as `tokio::time::timeout` polls its timer: an operation that
@@ -405,24 +406,26 @@ impl<St: IdempotencyStore> Ctx<St> {
             }
         })
         .await;
-        metrics::store_op(name, started, result.is_ok());
+        metrics::store_op(name, watch.lap(), result.is_ok());
         result
     }
 
-    async fn claim(&self, lock: &Lock) -> Result<Claim, StoreError> {
+    async fn claim(&self, lock: &Lock, watch: &mut Stopwatch) -> Result<Claim, StoreError> {
         let lease = self.config.lock_ttl;
-        self.with_timeout("claim", self.store.claim(&self.scoped, lock, lease))
+        self.with_timeout("claim", watch, self.store.claim(&self.scoped, lock, lease))
             .await
     }
 
     /// Waits (bounded in time and in concurrent waiters) for the request holding the key to
     /// finish, polling the store with exponential back-off. Returns the last claim result: the
     /// completed record to replay, `Acquired` if the holder released the key (its handler
-    /// failed) and this request now owns it, or still `InFlight` when the wait ran out.
+    /// failed) and this request now owns it, or still `InFlight` when the wait ran out. `watch`
+    /// is lapped at the end of the last claim.
     async fn wait_in_flight(
         &self,
         lock: &Lock,
         first: Result<Claim, StoreError>,
+        watch: &mut Stopwatch,
     ) -> Result<Claim, StoreError> {
         let Ok(_permit) = self.config.waiters.try_acquire() else {
             tracing::debug!("too many requests waiting; not waiting");
@@ -438,7 +441,8 @@ impl<St: IdempotencyStore> Ctx<St> {
             }
             tokio::time::sleep(delay.min(deadline - now)).await;
             delay = (delay * 2).min(Duration::from_millis(500));
-            claim = self.claim(lock).await;
+            *watch = Stopwatch::start();
+            claim = self.claim(lock, watch).await;
             if !matches!(claim, Ok(Claim::InFlight { fingerprint, .. }) if fingerprint == *lock.fingerprint())
             {
                 return claim;
@@ -461,8 +465,13 @@ impl<St: IdempotencyStore> Ctx<St> {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
+            let mut watch = Stopwatch::start();
             match self
-                .with_timeout("renew", self.store.renew(&self.scoped, lock, lease))
+                .with_timeout(
+                    "renew",
+                    &mut watch,
+                    self.store.renew(&self.scoped, lock, lease),
+                )
                 .await
             {
                 Ok(true) => {
@@ -485,7 +494,15 @@ impl<St: IdempotencyStore> Ctx<St> {
         }
     }
 
-    async fn complete(&self, lock: &Lock, parts: &http::response::Parts, body: &Bytes) {
+    /// Stores the response; `watch` was lapped when the handler finished, so the operation's
+    /// duration includes building the record.
+    async fn complete(
+        &self,
+        lock: &Lock,
+        parts: &http::response::Parts,
+        body: &Bytes,
+        watch: &mut Stopwatch,
+    ) {
         let status_only = self.config.status_only;
         let omitted = status_only || body.len() > self.config.max_response_body;
         let mut headers = if status_only {
@@ -514,6 +531,7 @@ impl<St: IdempotencyStore> Ctx<St> {
         match self
             .with_timeout(
                 "complete",
+                watch,
                 self.store.complete(&self.scoped, lock, &record, ttl),
             )
             .await
@@ -540,9 +558,10 @@ impl<St: IdempotencyStore> Ctx<St> {
         }
     }
 
-    async fn release(&self, lock: &Lock) {
+    /// Releases the claim; `watch` was lapped when the handler finished.
+    async fn release(&self, lock: &Lock, watch: &mut Stopwatch) {
         if let Err(err) = self
-            .with_timeout("release", self.store.release(&self.scoped, lock))
+            .with_timeout("release", watch, self.store.release(&self.scoped, lock))
             .await
         {
             tracing::error!(
@@ -617,7 +636,10 @@ where
         }
     }
 
-    let mut claim = ctx.claim(&lock).await;
+    // One clock for the claim, the handler and storing the response: each phase ends where the
+    // next begins.
+    let mut watch = Stopwatch::start();
+    let mut claim = ctx.claim(&lock, &mut watch).await;
     if let Some(started) = started {
         tracing::debug!(claim_ms = millis_since(started), "claimed");
     }
@@ -625,7 +647,7 @@ where
         && !ctx.config.wait_in_flight.is_zero()
     {
         // Boxed: waiting is rare, and its future would make every request's future larger.
-        claim = Box::pin(ctx.wait_in_flight(&lock, claim)).await;
+        claim = Box::pin(ctx.wait_in_flight(&lock, claim, &mut watch)).await;
     }
     match claim {
         Ok(Claim::Acquired) => {
@@ -635,7 +657,7 @@ where
             // The owner's work runs in this task; if the client goes away it carries on in a
             // task of its own, so the handler is never cancelled halfway and the claim is always
             // completed or released.
-            let owner = own(inner, ctx, req, lock);
+            let owner = own(inner, ctx, req, lock, watch);
             let span = Span::current();
             if span.is_disabled() {
                 DetachOnDrop::new(owner).await
@@ -701,6 +723,7 @@ async fn own<S, St, ReqBody, ResBody>(
     ctx: Ctx<St>,
     req: Request<ReqBody>,
     lock: Lock,
+    mut watch: Stopwatch,
 ) -> Result<Response<ResBody>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
@@ -712,7 +735,6 @@ where
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
-    let started = metrics::Started::now();
     let debug_started = debug_clock();
     let handler = AssertUnwindSafe(async move {
         let response = inner.call(req).await?;
@@ -731,7 +753,7 @@ where
             () = &mut renewal => unreachable!("renewal never ends"),
         }
     };
-    metrics::handler(started);
+    metrics::handler(watch.lap());
     if let Some(started) = debug_started {
         tracing::debug!(handler_ms = millis_since(started), "handler finished");
     }
@@ -739,11 +761,11 @@ where
     match outcome {
         Err(_panic) => {
             tracing::error!(route = %ctx.route, "handler panicked; claim released");
-            ctx.release(&lock).await;
+            ctx.release(&lock, &mut watch).await;
             Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
         }
         Ok(Err(err)) => {
-            ctx.release(&lock).await;
+            ctx.release(&lock, &mut watch).await;
             Err(err)
         }
         Ok(Ok((parts, Err(err)))) => {
@@ -752,14 +774,14 @@ where
                 ReadError::TooLarge => "the response body is larger than memory allows".into(),
             };
             tracing::error!(route = %ctx.route, status = %parts.status, error = %err, "response body failed; claim released");
-            ctx.release(&lock).await;
+            ctx.release(&lock, &mut watch).await;
             Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
         }
         Ok(Ok((parts, Ok(body)))) => {
             if (ctx.config.store_response)(&parts) {
-                ctx.complete(&lock, &parts, &body).await;
+                ctx.complete(&lock, &parts, &body, &mut watch).await;
             } else {
-                ctx.release(&lock).await;
+                ctx.release(&lock, &mut watch).await;
             }
             Ok(Response::from_parts(parts, ResBody::from(body)))
         }
