@@ -574,13 +574,17 @@ impl<St: IdempotencyStore> Ctx<St> {
 }
 
 /// The protected path: buffer and fingerprint the body, claim, then run, replay or refuse.
-async fn run<S, St, ReqBody, ResBody>(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` keeps its arguments twice in its future"
+)]
+fn run<S, St, ReqBody, ResBody>(
     mut inner: S,
     mut ctx: Ctx<St>,
     key: Option<IdempotencyKey>,
     mut parts: request::Parts,
     body: ReqBody,
-) -> Result<Response<ResBody>, S::Error>
+) -> impl Future<Output = Result<Response<ResBody>, S::Error>>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -593,138 +597,146 @@ where
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
-    let started = debug_clock();
-    let limit = ctx.config.max_request_body;
-    let body = match read_to_bytes(body, limit).await {
-        Ok(body) => body,
-        Err(ReadError::TooLarge) => return Ok(ctx.reject(too_large(limit))),
-        Err(ReadError::Failed(err)) => {
-            let detail = format!("the request body could not be read: {err}");
-            return Ok(ctx.reject(Rejection::new(RejectionKind::BodyUnreadable, detail)));
-        }
-    };
-    let key = match key.map_or_else(
-        || ctx.config.key_source.extract(&parts, &body),
-        |k| Ok(Some(k)),
-    ) {
-        Ok(Some(key)) => key,
-        Ok(None) if !ctx.config.require_key => {
-            return inner
-                .call(Request::from_parts(parts, ReqBody::from(body)))
-                .await;
-        }
-        Ok(None) => return Ok(ctx.reject(missing_key(&ctx.config))),
-        Err(err) => return Ok(ctx.reject(invalid_key(err))),
-    };
-    ctx.scoped = scoped_key(&parts, &ctx.route, &ctx.config, &key);
-    let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
-    let lock = Lock::new(fingerprint);
+    // An async block rather than an `async fn`: the arguments are moved into the future once,
+    // instead of being kept both as arguments and as the locals they are moved into.
+    async move {
+        let started = debug_clock();
+        let limit = ctx.config.max_request_body;
+        let body = match read_to_bytes(body, limit).await {
+            Ok(body) => body,
+            Err(ReadError::TooLarge) => return Ok(ctx.reject(too_large(limit))),
+            Err(ReadError::Failed(err)) => {
+                let detail = format!("the request body could not be read: {err}");
+                return Ok(ctx.reject(Rejection::new(RejectionKind::BodyUnreadable, detail)));
+            }
+        };
+        let key = match key.map_or_else(
+            || ctx.config.key_source.extract(&parts, &body),
+            |k| Ok(Some(k)),
+        ) {
+            Ok(Some(key)) => key,
+            Ok(None) if !ctx.config.require_key => {
+                return inner
+                    .call(Request::from_parts(parts, ReqBody::from(body)))
+                    .await;
+            }
+            Ok(None) => return Ok(ctx.reject(missing_key(&ctx.config))),
+            Err(err) => return Ok(ctx.reject(invalid_key(err))),
+        };
+        ctx.scoped = scoped_key(&parts, &ctx.route, &ctx.config, &key);
+        let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
+        let lock = Lock::new(fingerprint);
 
-    #[cfg(feature = "cache")]
-    if let Some(cache) = &ctx.config.cache {
-        match cache.get(&ctx.scoped) {
-            Some(record) => {
-                metrics::count(metrics::CACHE_HITS);
-                if record.fingerprint == fingerprint {
-                    record_outcome(Outcome::Replayed);
-                    return Ok(replay(CompletedRecord::clone(&record)));
+        #[cfg(feature = "cache")]
+        if let Some(cache) = &ctx.config.cache {
+            match cache.get(&ctx.scoped) {
+                Some(record) => {
+                    metrics::count(metrics::CACHE_HITS);
+                    if record.fingerprint == fingerprint {
+                        record_outcome(Outcome::Replayed);
+                        return Ok(replay(CompletedRecord::clone(&record)));
+                    }
+                    record_outcome(Outcome::Mismatch);
+                    return Ok(render(&ctx.config, &key_reused()));
                 }
-                record_outcome(Outcome::Mismatch);
-                return Ok(render(&ctx.config, &key_reused()));
+                None => metrics::count(metrics::CACHE_MISSES),
             }
-            None => metrics::count(metrics::CACHE_MISSES),
         }
-    }
 
-    // One clock for the claim, the handler and storing the response: each phase ends where the
-    // next begins.
-    let mut watch = Stopwatch::start();
-    let mut claim = ctx.claim(&lock, &mut watch).await;
-    if let Some(started) = started {
-        tracing::debug!(claim_ms = millis_since(started), "claimed");
-    }
-    if matches!(&claim, Ok(Claim::InFlight { fingerprint: holder, .. }) if *holder == fingerprint)
-        && !ctx.config.wait_in_flight.is_zero()
-    {
-        // Boxed: waiting is rare, and its future would make every request's future larger.
-        claim = Box::pin(ctx.wait_in_flight(&lock, claim, &mut watch)).await;
-    }
-    match claim {
-        Ok(Claim::Acquired) => {
-            record_outcome(Outcome::Acquired);
-            parts.extensions.insert(key);
-            let req = Request::from_parts(parts, ReqBody::from(body));
-            // The owner's work runs in this task; if the client goes away it carries on in a
-            // task of its own, so the handler is never cancelled halfway and the claim is always
-            // completed or released.
-            let owner = own(inner, ctx, req, lock, watch);
-            let span = Span::current();
-            if span.is_disabled() {
-                DetachOnDrop::new(owner).await
-            } else {
-                DetachOnDrop::new(owner.instrument(span)).await
+        // One clock for the claim, the handler and storing the response: each phase ends where the
+        // next begins.
+        let mut watch = Stopwatch::start();
+        let mut claim = ctx.claim(&lock, &mut watch).await;
+        if let Some(started) = started {
+            tracing::debug!(claim_ms = millis_since(started), "claimed");
+        }
+        if matches!(&claim, Ok(Claim::InFlight { fingerprint: holder, .. }) if *holder == fingerprint)
+            && !ctx.config.wait_in_flight.is_zero()
+        {
+            // Boxed: waiting is rare, and its future would make every request's future larger.
+            claim = Box::pin(ctx.wait_in_flight(&lock, claim, &mut watch)).await;
+        }
+        match claim {
+            Ok(Claim::Acquired) => {
+                record_outcome(Outcome::Acquired);
+                parts.extensions.insert(key);
+                let req = Request::from_parts(parts, ReqBody::from(body));
+                // The owner's work runs in this task; if the client goes away it carries on in a
+                // task of its own, so the handler is never cancelled halfway and the claim is always
+                // completed or released.
+                let owner = own(inner, ctx, req, lock, watch);
+                let span = Span::current();
+                if span.is_disabled() {
+                    DetachOnDrop::new(owner).await
+                } else {
+                    DetachOnDrop::new(owner.instrument(span)).await
+                }
             }
-        }
-        Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {
-            record_outcome(Outcome::Replayed);
-            #[cfg(feature = "cache")]
-            if let Some(cache) = &ctx.config.cache {
-                cache.insert(&ctx.scoped, record.clone());
+            Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {
+                record_outcome(Outcome::Replayed);
+                #[cfg(feature = "cache")]
+                if let Some(cache) = &ctx.config.cache {
+                    cache.insert(&ctx.scoped, record.clone());
+                }
+                Ok(replay(record))
             }
-            Ok(replay(record))
-        }
-        Ok(Claim::InFlight {
-            fingerprint: holder,
-            retry_after,
-        }) if holder == fingerprint => {
-            record_outcome(Outcome::InFlight);
-            let detail = "a request with this idempotency key is still being processed; \
-                          retry after the time given in Retry-After";
-            let rejection =
-                Rejection::new(RejectionKind::InFlight, detail).with_retry_after(retry_after);
-            Ok(render(&ctx.config, &rejection))
-        }
-        Ok(Claim::Completed(_) | Claim::InFlight { .. }) => {
-            record_outcome(Outcome::Mismatch);
-            Ok(render(&ctx.config, &key_reused()))
-        }
-        Err(StoreError::Corrupt(err)) => {
-            tracing::error!(route = %ctx.route, error = %err, "unreadable idempotency record; handler not run");
-            let detail = "the stored response for this idempotency key is unreadable; \
-                          the request was not processed";
-            let rejection = Rejection::new(RejectionKind::CorruptRecord, detail);
-            record_outcome(Outcome::StoreError);
-            Ok(render(&ctx.config, &rejection))
-        }
-        Err(err) if ctx.config.fail_open => {
-            record_outcome(Outcome::FailOpen);
-            tracing::warn!(route = %ctx.route, error = %err, "idempotency store unavailable; running the handler unprotected (fail-open)");
-            parts.extensions.insert(key);
-            inner
-                .call(Request::from_parts(parts, ReqBody::from(body)))
-                .await
-        }
-        Err(err) => {
-            record_outcome(Outcome::StoreError);
-            tracing::error!(route = %ctx.route, error = %err, "idempotency store unavailable; request refused");
-            let detail = "the idempotency store is unavailable, so the request could not be \
-                          processed safely; it was not processed";
-            let rejection = Rejection::new(RejectionKind::StoreUnavailable, detail)
-                .with_retry_after(STORE_RETRY_AFTER);
-            Ok(render(&ctx.config, &rejection))
+            Ok(Claim::InFlight {
+                fingerprint: holder,
+                retry_after,
+            }) if holder == fingerprint => {
+                record_outcome(Outcome::InFlight);
+                let detail = "a request with this idempotency key is still being processed; \
+                              retry after the time given in Retry-After";
+                let rejection =
+                    Rejection::new(RejectionKind::InFlight, detail).with_retry_after(retry_after);
+                Ok(render(&ctx.config, &rejection))
+            }
+            Ok(Claim::Completed(_) | Claim::InFlight { .. }) => {
+                record_outcome(Outcome::Mismatch);
+                Ok(render(&ctx.config, &key_reused()))
+            }
+            Err(StoreError::Corrupt(err)) => {
+                tracing::error!(route = %ctx.route, error = %err, "unreadable idempotency record; handler not run");
+                let detail = "the stored response for this idempotency key is unreadable; \
+                              the request was not processed";
+                let rejection = Rejection::new(RejectionKind::CorruptRecord, detail);
+                record_outcome(Outcome::StoreError);
+                Ok(render(&ctx.config, &rejection))
+            }
+            Err(err) if ctx.config.fail_open => {
+                record_outcome(Outcome::FailOpen);
+                tracing::warn!(route = %ctx.route, error = %err, "idempotency store unavailable; running the handler unprotected (fail-open)");
+                parts.extensions.insert(key);
+                inner
+                    .call(Request::from_parts(parts, ReqBody::from(body)))
+                    .await
+            }
+            Err(err) => {
+                record_outcome(Outcome::StoreError);
+                tracing::error!(route = %ctx.route, error = %err, "idempotency store unavailable; request refused");
+                let detail = "the idempotency store is unavailable, so the request could not be \
+                              processed safely; it was not processed";
+                let rejection = Rejection::new(RejectionKind::StoreUnavailable, detail)
+                    .with_retry_after(STORE_RETRY_AFTER);
+                Ok(render(&ctx.config, &rejection))
+            }
         }
     }
 }
 
 /// Runs the handler that owns the claim, renewing the lease meanwhile, then completes or
 /// releases the claim.
-async fn own<S, St, ReqBody, ResBody>(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` keeps its arguments twice in its future"
+)]
+fn own<S, St, ReqBody, ResBody>(
     mut inner: S,
     ctx: Ctx<St>,
     req: Request<ReqBody>,
     lock: Lock,
     mut watch: Stopwatch,
-) -> Result<Response<ResBody>, S::Error>
+) -> impl Future<Output = Result<Response<ResBody>, S::Error>>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -735,55 +747,59 @@ where
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
-    let debug_started = debug_clock();
-    let handler = AssertUnwindSafe(async move {
-        let response = inner.call(req).await?;
-        let (parts, body) = response.into_parts();
-        let body = read_to_bytes(body, usize::MAX).await;
-        Ok::<_, S::Error>((parts, body))
-    })
-    .catch_unwind();
-    let outcome = {
-        let renewal = ctx.renew_forever(&lock);
-        tokio::pin!(handler, renewal);
-        tokio::select! {
-            // The handler first: one that answers at once never starts the renewal timer.
-            biased;
-            outcome = &mut handler => outcome,
-            () = &mut renewal => unreachable!("renewal never ends"),
-        }
-    };
-    metrics::handler(watch.lap());
-    if let Some(started) = debug_started {
-        tracing::debug!(handler_ms = millis_since(started), "handler finished");
-    }
-    let failed = "the request handler failed; the request may be retried";
-    match outcome {
-        Err(_panic) => {
-            tracing::error!(route = %ctx.route, "handler panicked; claim released");
-            ctx.release(&lock, &mut watch).await;
-            Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
-        }
-        Ok(Err(err)) => {
-            ctx.release(&lock, &mut watch).await;
-            Err(err)
-        }
-        Ok(Ok((parts, Err(err)))) => {
-            let err = match err {
-                ReadError::Failed(err) => err,
-                ReadError::TooLarge => "the response body is larger than memory allows".into(),
-            };
-            tracing::error!(route = %ctx.route, status = %parts.status, error = %err, "response body failed; claim released");
-            ctx.release(&lock, &mut watch).await;
-            Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
-        }
-        Ok(Ok((parts, Ok(body)))) => {
-            if (ctx.config.store_response)(&parts) {
-                ctx.complete(&lock, &parts, &body, &mut watch).await;
-            } else {
-                ctx.release(&lock, &mut watch).await;
+    // An async block rather than an `async fn`: the arguments are moved into the future once,
+    // instead of being kept both as arguments and as the locals they are moved into.
+    async move {
+        let debug_started = debug_clock();
+        let handler = AssertUnwindSafe(async move {
+            let response = inner.call(req).await?;
+            let (parts, body) = response.into_parts();
+            let body = read_to_bytes(body, usize::MAX).await;
+            Ok::<_, S::Error>((parts, body))
+        })
+        .catch_unwind();
+        let outcome = {
+            let renewal = ctx.renew_forever(&lock);
+            tokio::pin!(handler, renewal);
+            tokio::select! {
+                // The handler first: one that answers at once never starts the renewal timer.
+                biased;
+                outcome = &mut handler => outcome,
+                () = &mut renewal => unreachable!("renewal never ends"),
             }
-            Ok(Response::from_parts(parts, ResBody::from(body)))
+        };
+        metrics::handler(watch.lap());
+        if let Some(started) = debug_started {
+            tracing::debug!(handler_ms = millis_since(started), "handler finished");
+        }
+        let failed = "the request handler failed; the request may be retried";
+        match outcome {
+            Err(_panic) => {
+                tracing::error!(route = %ctx.route, "handler panicked; claim released");
+                ctx.release(&lock, &mut watch).await;
+                Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
+            }
+            Ok(Err(err)) => {
+                ctx.release(&lock, &mut watch).await;
+                Err(err)
+            }
+            Ok(Ok((parts, Err(err)))) => {
+                let err = match err {
+                    ReadError::Failed(err) => err,
+                    ReadError::TooLarge => "the response body is larger than memory allows".into(),
+                };
+                tracing::error!(route = %ctx.route, status = %parts.status, error = %err, "response body failed; claim released");
+                ctx.release(&lock, &mut watch).await;
+                Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
+            }
+            Ok(Ok((parts, Ok(body)))) => {
+                if (ctx.config.store_response)(&parts) {
+                    ctx.complete(&lock, &parts, &body, &mut watch).await;
+                } else {
+                    ctx.release(&lock, &mut watch).await;
+                }
+                Ok(Response::from_parts(parts, ResBody::from(body)))
+            }
         }
     }
 }
