@@ -367,17 +367,24 @@ pub(crate) fn storable_headers(headers: &HeaderMap, excluded: &[HeaderName]) -> 
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .collect();
-    // Room for one more: a replay adds `Idempotent-Replayed`. Only a hint, kept small:
-    // `with_capacity` panics far below the number of values a `HeaderMap` can hold.
-    let mut out = HeaderMap::with_capacity(headers.len().min(1024) + 1);
-    for (name, value) in headers {
-        let drop = HOP_BY_HOP.contains(name)
+    let dropped = |name: &HeaderName| {
+        HOP_BY_HOP.contains(name)
             || *name == header::UPGRADE
             || excluded.contains(name)
             || connection_named
                 .iter()
-                .any(|n| n.eq_ignore_ascii_case(name.as_str()));
-        if !drop {
+                .any(|n| n.eq_ignore_ascii_case(name.as_str()))
+    };
+    // The usual case, nothing to drop: a clone copies the map's table as it is, without hashing
+    // every name again.
+    if !headers.keys().any(dropped) {
+        return headers.clone();
+    }
+    // Only a hint, kept small: `with_capacity` panics far below the number of values a
+    // `HeaderMap` can hold.
+    let mut out = HeaderMap::with_capacity(headers.len().min(1024));
+    for (name, value) in headers {
+        if !dropped(name) {
             out.append(name.clone(), value.clone());
         }
     }
@@ -578,5 +585,18 @@ mod tests {
         assert_eq!(out.get_all("x-keep").iter().count(), 2);
         let out = storable_headers(&h, &[]);
         assert!(out.contains_key(header::SET_COOKIE));
+    }
+
+    #[test]
+    fn storable_headers_keeps_everything_when_nothing_is_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.append("x-keep", HeaderValue::from_static("1"));
+        h.append("x-keep", HeaderValue::from_static("2"));
+        h.insert(header::SET_COOKIE, HeaderValue::from_static("a=b"));
+        assert_eq!(storable_headers(&h, &[]), h);
+        let mut without_cookie = h.clone();
+        without_cookie.remove(header::SET_COOKIE);
+        assert_eq!(storable_headers(&h, &[header::SET_COOKIE]), without_cookie);
     }
 }
