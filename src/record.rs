@@ -6,7 +6,7 @@
 //! ```text
 //! running:   [version][b'R'][owner: 16][fingerprint: 32][lease deadline, unix ms: u64 LE]
 //! completed: [version][b'D'][fingerprint: 32][flags: u8][expires, unix ms: u64 LE]
-//!            [status: u16 LE][header count: u16 LE]
+//!            [status: u16 LE][header count: u16 LE, or 0xFFFF then the count as a varint]
 //!            { [name len: varint][name][value len: varint][value] } * header count
 //!            [body len: varint][body: exactly body len bytes]
 //! ```
@@ -31,6 +31,8 @@ pub(crate) const VERSION: u8 = 1;
 pub(crate) const RUNNING: u8 = b'R';
 pub(crate) const DONE: u8 = b'D';
 const FLAG_BODY_OMITTED: u8 = 1;
+/// A header count from this value up is written as this value and a varint.
+const COUNT_ESCAPE: usize = u16::MAX as usize;
 
 /// A completed request as the store keeps it: the fingerprint of the request that produced it
 /// and the response to replay.
@@ -41,7 +43,10 @@ pub struct CompletedRecord {
     pub fingerprint: Fingerprint,
     /// Status of the original response.
     pub status: StatusCode,
-    /// Headers of the original response, hop-by-hop and excluded headers removed.
+    /// Headers of the original response, hop-by-hop and excluded headers removed. The stores
+    /// keep records encoded, which does not carry a value's
+    /// [`is_sensitive`](HeaderValue::is_sensitive) flag (HTTP/2's never-indexed hint): a replay
+    /// from the store has it unset.
     pub headers: HeaderMap,
     /// Body of the original response (empty when [`body_omitted`](Self::body_omitted)).
     pub body: Bytes,
@@ -89,7 +94,11 @@ impl CompletedRecord {
             })
             .sum();
         let body = self.body.len();
-        2 + 32 + 1 + 8 + 2 + 2 + headers + varint_len(body as u64) + body
+        let count = match self.headers.len() {
+            n if n < COUNT_ESCAPE => 0,
+            n => varint_len(n as u64),
+        };
+        2 + 32 + 1 + 8 + 2 + 2 + count + headers + varint_len(body as u64) + body
     }
 
     /// Encodes the record in the crate's versioned binary format.
@@ -104,12 +113,16 @@ impl CompletedRecord {
         });
         out.extend_from_slice(&self.expires_at_ms.to_le_bytes());
         out.extend_from_slice(&self.status.as_u16().to_le_bytes());
-        // `HeaderMap` cannot hold more than 32768 entries, so the count fits in a u16; names are
-        // shorter than 64 KiB and values are limited to u32 by `encoded_len`'s users (bodies are
-        // capped far below that by the layer).
-        let count = u16::try_from(self.headers.len()).unwrap_or(u16::MAX);
-        out.extend_from_slice(&count.to_le_bytes());
-        for (name, value) in self.headers.iter().take(usize::from(count)) {
+        // A map holds up to 32,768 names but any number of values under them: counts from
+        // 0xFFFF up are escaped.
+        let count = self.headers.len();
+        if count < COUNT_ESCAPE {
+            out.extend_from_slice(&(count as u16).to_le_bytes());
+        } else {
+            out.extend_from_slice(&u16::MAX.to_le_bytes());
+            put_varint(&mut out, count as u64);
+        }
+        for (name, value) in &self.headers {
             let name = name.as_str().as_bytes();
             put_varint(&mut out, name.len() as u64);
             out.extend_from_slice(name);
@@ -136,10 +149,13 @@ impl CompletedRecord {
         let expires_at_ms = r.u64()?;
         let status =
             StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError("invalid status code"))?;
-        let count = r.u16()?;
+        let count = match r.u16()? {
+            u16::MAX => r.len()?,
+            n => usize::from(n),
+        };
         // Each header takes at least 3 bytes (two lengths and a one-byte name); a count the
         // remaining bytes cannot hold is corrupt.
-        if usize::from(count) * 3 > bytes.len() - r.pos {
+        if count.saturating_mul(3) > bytes.len() - r.pos {
             return Err(DecodeError("header count larger than the record"));
         }
         let mut headers = HeaderMap::new();
@@ -585,6 +601,30 @@ mod tests {
         assert_eq!(out.get_all("x-keep").iter().count(), 2);
         let out = storable_headers(&h, &[]);
         assert!(out.contains_key(header::SET_COOKIE));
+    }
+
+    /// A map holds any number of values under its names: counts that do not fit the u16 field
+    /// are escaped, and every value comes back.
+    #[test]
+    fn header_counts_beyond_u16_round_trip() {
+        for values in [0xFFFE_usize, 0xFFFF, 0x1_0000, 70_000] {
+            let mut headers = HeaderMap::new();
+            for i in 0..values {
+                headers.append("x-a", HeaderValue::from(i));
+            }
+            let record = CompletedRecord::new(
+                Fingerprint([3; 32]),
+                StatusCode::OK,
+                headers,
+                Bytes::from_static(b"body"),
+                false,
+            );
+            let encoded = record.encode();
+            assert_eq!(encoded.len(), record.encoded_len(), "{values}");
+            let decoded = CompletedRecord::decode(Bytes::from(encoded)).unwrap();
+            assert_eq!(decoded.headers.len(), values);
+            assert_eq!(decoded, record, "{values}");
+        }
     }
 
     #[test]

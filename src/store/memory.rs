@@ -365,13 +365,17 @@ mod tests {
         assert_eq!(store.len(), 100);
         assert_eq!(store.digests(), 50);
         tokio::time::advance(Duration::from_secs(2)).await;
-        // Enough new claims for every shard to be swept after the old entries expired.
-        for i in 0..1000 {
+        // A shard is swept once it has seen `MIN_SWEEP_EVERY` claims since its last sweep:
+        // 5,000 claims give each of the 64 shards about 78, so every shard is swept after the
+        // old entries expired (shards are picked by a seeded hash; the chance that one gets
+        // fewer than 8 is below 10^-20).
+        let claims = 5_000;
+        for i in 0..claims {
             let lock = Lock::new(Fingerprint([0; 32]));
             store.claim(&key("n", i), &lock, lease).await.unwrap();
         }
-        // The old 100 are gone; the new 1000 are all live.
-        assert_eq!(store.len(), 1000);
+        // The old 100 are gone; the new ones are all live.
+        assert_eq!(store.len(), claims);
     }
 
     #[test]
