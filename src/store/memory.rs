@@ -168,15 +168,15 @@ impl MemoryStore {
         lock(&self.shared.shards[index % SHARDS])
     }
 
-    /// Replaces the entry of `key` in place (no key allocation) with `f()` if `lock` still owns
-    /// it.
-    fn replace_owned(&self, key: &str, lock: &Lock, f: impl FnOnce() -> Entry) -> bool {
+    /// Replaces the entry of `key` in place (no key allocation) with `f(now)` if `lock` still
+    /// owns it.
+    fn replace_owned(&self, key: &str, lock: &Lock, f: impl FnOnce(Instant) -> Entry) -> bool {
         let now = Instant::now();
         let key = Key::of(key);
         let mut inner = self.shard(key);
         match inner.get_mut(key) {
             Some(entry) if entry.is_owned_by(lock, now) => {
-                *entry = f();
+                *entry = f(now);
                 true
             }
             _ => false,
@@ -277,8 +277,7 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn renew(&self, key: &str, lock: &Lock, lease: Duration) -> Result<bool, StoreError> {
-        let deadline = deadline(Instant::now(), lease);
-        Ok(self.replace_owned(key, lock, || Entry::running(lock, deadline)))
+        Ok(self.replace_owned(key, lock, |now| Entry::running(lock, deadline(now, lease))))
     }
 
     async fn complete(
@@ -288,9 +287,11 @@ impl IdempotencyStore for MemoryStore {
         record: &CompletedRecord,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let expires = deadline(Instant::now(), ttl);
         let record = Bytes::from(record.encode());
-        Ok(self.replace_owned(key, lock, || Entry::Completed { record, expires }))
+        Ok(self.replace_owned(key, lock, |now| Entry::Completed {
+            record,
+            expires: deadline(now, ttl),
+        }))
     }
 
     async fn release(&self, key: &str, lock: &Lock) -> Result<bool, StoreError> {
