@@ -187,10 +187,11 @@ where
             return ResponseFuture::passthrough(inner.call(req));
         }
         let (parts, body) = req.into_parts();
+        let route = RouteName::of(&parts);
         let span = tracing::debug_span!(
             "idempotency",
             method = %parts.method,
-            route = route(&parts),
+            route = route.as_str(),
             outcome = tracing::field::Empty,
         );
         // Header keys are checked before the body is read; body keys once it is.
@@ -210,7 +211,7 @@ where
             store: self.store.clone(),
             config: self.config.clone(),
             scoped: String::new(),
-            route: RouteName::of(&parts),
+            route,
         };
         let future = run(inner, ctx, key, parts, body);
         // A disabled span (no subscriber, or `DEBUG` filtered out, as in most production
@@ -283,16 +284,6 @@ fn render<B: From<Bytes>>(config: &Config, rejection: &Rejection) -> Response<B>
     response.map(B::from)
 }
 
-/// The route part of the scope: the matched route where the router provides it, else the path
-/// (borrowed, for the span; [`RouteName::of`] keeps it for the rest of the request).
-fn route(parts: &request::Parts) -> &str {
-    #[cfg(feature = "axum")]
-    if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
-        return matched.as_str();
-    }
-    parts.uri.path()
-}
-
 /// The key the store sees: 32 hex characters of BLAKE3 over the route, the caller scope and the
 /// idempotency key, each length-prefixed. Fixed-size, so a store key never grows with the input,
 /// and free of the raw key.
@@ -347,7 +338,8 @@ enum RouteName {
 }
 
 impl RouteName {
-    /// The same rule as [`route`], owned.
+    /// The route part of the scope: the matched route where the router provides it, else the
+    /// path.
     fn of(parts: &request::Parts) -> Self {
         #[cfg(feature = "axum")]
         if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
@@ -355,9 +347,7 @@ impl RouteName {
         }
         Self::Path(parts.uri.clone())
     }
-}
 
-impl RouteName {
     fn as_str(&self) -> &str {
         match self {
             #[cfg(feature = "axum")]
