@@ -21,37 +21,14 @@ use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_idempotency::{
-    Claim, CompletedRecord, IdempotencyLayer, IdempotencyStore, Lock, MemoryStore, StoreError,
-};
+use tower_idempotency::{IdempotencyLayer, MemoryStore};
+
+#[path = "support/null_store.rs"]
+mod null_store;
+use null_store::NullStore;
 
 const REQUEST_BODY: &[u8] =
     br#"{"order":"ord_8c1f2e","amount":4200,"currency":"eur","customer":"cus_42"}"#;
-
-/// A store that grants every claim and stores nothing.
-#[derive(Clone, Debug)]
-struct NullStore;
-
-impl IdempotencyStore for NullStore {
-    async fn claim(&self, _: &str, _: &Lock, _: Duration) -> Result<Claim, StoreError> {
-        Ok(Claim::Acquired)
-    }
-    async fn renew(&self, _: &str, _: &Lock, _: Duration) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-    async fn complete(
-        &self,
-        _: &str,
-        _: &Lock,
-        _: &CompletedRecord,
-        _: Duration,
-    ) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-    async fn release(&self, _: &str, _: &Lock) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-}
 
 fn app() -> Router {
     let response = Bytes::from(vec![b'x'; 100]);

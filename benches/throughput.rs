@@ -28,29 +28,25 @@
 
 #![allow(clippy::print_stdout)]
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::http::{HeaderValue, header};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use redis::aio::ConnectionManager;
-use tower_idempotency::{IdempotencyLayer, MemoryStore, RedisStore};
 
-const REQUEST_BODY: &[u8] =
-    br#"{"order":"ord_8c1f2e","amount":4200,"currency":"eur","customer":"cus_42"}"#;
-const KEY_HEADER: &str = "idempotency-key";
-const LEASE_MS: u64 = 30_000;
-const RECORD_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+use support::{
+    KEY_HEADER, RECORD_TTL_MS, REQUEST_BODY, RedisServer, Variant, handler_router, redis_store,
+    response_body, router_for,
+};
+use tower_idempotency::IdempotencyLayer;
 
 // ---------------------------------------------------------------------------------------------
 // Settings
@@ -101,308 +97,6 @@ impl Settings {
             variants,
             memory: env_or("BENCH_MEMORY", 1u8) != 0,
             redis_server: env_or("REDIS_SERVER", "redis-server".to_owned()),
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The variants
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Variant {
-    Plain,
-    Memory,
-    RedisFirst,
-    RedisReplay,
-    BaselineFirst,
-    BaselineReplay,
-    BaselineFenced,
-    CachedReplay,
-}
-
-impl Variant {
-    const ALL: [Self; 8] = [
-        Self::Plain,
-        Self::Memory,
-        Self::RedisFirst,
-        Self::RedisReplay,
-        Self::BaselineFirst,
-        Self::BaselineReplay,
-        Self::BaselineFenced,
-        Self::CachedReplay,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::Plain => "plain",
-            Self::Memory => "memory",
-            Self::RedisFirst => "redis-first",
-            Self::RedisReplay => "redis-replay",
-            Self::BaselineFirst => "baseline-first",
-            Self::BaselineReplay => "baseline-replay",
-            Self::BaselineFenced => "baseline-fenced",
-            Self::CachedReplay => "cached-replay",
-        }
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            Self::Plain => "1  no layer",
-            Self::Memory => "2  layer + MemoryStore, first",
-            Self::RedisFirst => "3  layer + RedisStore, first",
-            Self::RedisReplay => "4  layer + RedisStore, replay",
-            Self::BaselineFirst => "5a SET NX + SET (by hand)",
-            Self::BaselineReplay => "5b GET (by hand)",
-            Self::BaselineFenced => "5c SET NX GET + fenced SET (by hand)",
-            Self::CachedReplay => "6  layer + RedisStore + LocalCache, replay",
-        }
-    }
-
-    /// Whether every request carries the same key (replays) rather than a new one.
-    fn repeats_key(self) -> bool {
-        matches!(
-            self,
-            Self::RedisReplay | Self::BaselineReplay | Self::CachedReplay
-        )
-    }
-
-    fn uses_redis(self) -> bool {
-        !matches!(self, Self::Plain | Self::Memory)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The servers
-
-/// The handler every variant runs: a fixed JSON-ish response of the configured size.
-fn respond(status: StatusCode, body: Bytes) -> Response {
-    (
-        status,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response()
-}
-
-fn handler_router(response: Bytes) -> Router {
-    Router::new().route(
-        "/pay",
-        post(move |_body: Bytes| {
-            let response = response.clone();
-            async move { respond(StatusCode::CREATED, response) }
-        }),
-    )
-}
-
-/// State of the hand-written baselines.
-#[derive(Clone)]
-struct Baseline {
-    conn: ConnectionManager,
-    response: Bytes,
-    /// Whether the server has `SET .. IFEQ` (Redis 8.4+), which the layer then uses to fence.
-    native_fence: bool,
-}
-
-/// Whether the server accepts `SET .. IFEQ` (Redis 8.4 and later), as `RedisStore` finds out.
-async fn has_set_ifeq(conn: &mut ConnectionManager) -> bool {
-    let probe: redis::RedisResult<redis::Value> = redis::cmd("SET")
-        .arg("bench:ifeq-probe")
-        .arg("v")
-        .arg("IFEQ")
-        .arg("v")
-        .query_async(conn)
-        .await;
-    probe.is_ok()
-}
-
-fn redis_key(headers: &HeaderMap) -> Option<Vec<u8>> {
-    let key = headers.get(KEY_HEADER)?.as_bytes();
-    let mut out = Vec::with_capacity(5 + key.len());
-    out.extend_from_slice(b"base:");
-    out.extend_from_slice(key);
-    Some(out)
-}
-
-/// 5a: claim with `SET key v NX PX`, run the handler, store the response with `SET key resp PX`.
-async fn baseline_first(State(st): State<Baseline>, headers: HeaderMap, _body: Bytes) -> Response {
-    let Some(key) = redis_key(&headers) else {
-        return StatusCode::BAD_REQUEST.into_response();
-    };
-    first_delivery(&st, &key).await
-}
-
-async fn first_delivery(st: &Baseline, key: &[u8]) -> Response {
-    let mut conn = st.conn.clone();
-    let claimed: Result<Option<String>, _> = redis::cmd("SET")
-        .arg(key)
-        .arg("v")
-        .arg("NX")
-        .arg("PX")
-        .arg(LEASE_MS)
-        .query_async(&mut conn)
-        .await;
-    match claimed {
-        Ok(Some(_)) => {}
-        Ok(None) => return StatusCode::CONFLICT.into_response(),
-        Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
-    }
-    let response = st.response.clone();
-    let stored: Result<(), _> = redis::cmd("SET")
-        .arg(key)
-        .arg(&response[..])
-        .arg("PX")
-        .arg(RECORD_TTL_MS)
-        .query_async(&mut conn)
-        .await;
-    if stored.is_err() {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
-    }
-    respond(StatusCode::CREATED, response)
-}
-
-/// 5b: one `GET`; the stored response when it is there (the measured path), else a first
-/// delivery (only during warm-up).
-async fn baseline_replay(State(st): State<Baseline>, headers: HeaderMap, _body: Bytes) -> Response {
-    let Some(key) = redis_key(&headers) else {
-        return StatusCode::BAD_REQUEST.into_response();
-    };
-    let mut conn = st.conn.clone();
-    let stored: Result<Option<Vec<u8>>, _> =
-        redis::cmd("GET").arg(&key).query_async(&mut conn).await;
-    match stored {
-        Ok(Some(body)) => respond(StatusCode::CREATED, Bytes::from(body)),
-        Ok(None) => first_delivery(&st, &key).await,
-        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
-    }
-}
-
-/// The layer's fenced replace, as a hand-written handler would send it.
-const REPLACE_LUA: &str = r#"
-if redis.call('GETRANGE', KEYS[1], 0, string.len(ARGV[1]) - 1) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
-end
-return 0
-"#;
-
-static REPLACE: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(REPLACE_LUA));
-
-/// 5c: the commands the layer sends for a first delivery, written by hand: claim with
-/// `SET key <running record> NX PX <lease> GET` (a 58-byte value, as the layer's), then store
-/// a record of the layer's size with the fenced replace the layer would use on this server:
-/// `SET key <record> IFEQ <running record> PX <ttl>` on Redis 8.4 and later, else the
-/// `EVALSHA` of its script. Against 5a it prices the fenced commands; against 3 it prices
-/// everything else the layer does.
-async fn baseline_fenced(State(st): State<Baseline>, headers: HeaderMap, _body: Bytes) -> Response {
-    let Some(key) = redis_key(&headers) else {
-        return StatusCode::BAD_REQUEST.into_response();
-    };
-    let mut conn = st.conn.clone();
-    let mut running = [0u8; 58];
-    running[..2].copy_from_slice(&[1, b'R']);
-    running[2..10].copy_from_slice(&(key.len() as u64).to_le_bytes());
-    let claimed: Result<Option<Vec<u8>>, _> = redis::cmd("SET")
-        .arg(&key)
-        .arg(&running[..])
-        .arg("NX")
-        .arg("PX")
-        .arg(LEASE_MS)
-        .arg("GET")
-        .query_async(&mut conn)
-        .await;
-    match claimed {
-        Ok(None) => {}
-        Ok(Some(_)) => return StatusCode::CONFLICT.into_response(),
-        Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
-    }
-    let response = st.response.clone();
-    // A record of the layer's size: 40 bytes of head, one header, the body.
-    let mut record = Vec::with_capacity(80 + response.len());
-    record.extend_from_slice(&[1, b'D']);
-    record.extend_from_slice(&[0; 32]);
-    record.extend_from_slice(&[0, 201, 0, 1, 0]);
-    record.extend_from_slice(&12u16.to_le_bytes());
-    record.extend_from_slice(b"content-type");
-    record.extend_from_slice(&16u32.to_le_bytes());
-    record.extend_from_slice(b"application/json");
-    record.extend_from_slice(&response);
-    let stored = if st.native_fence {
-        let reply: Result<redis::Value, _> = redis::cmd("SET")
-            .arg(&key)
-            .arg(record)
-            .arg("IFEQ")
-            .arg(&running[..])
-            .arg("PX")
-            .arg(RECORD_TTL_MS)
-            .query_async(&mut conn)
-            .await;
-        matches!(reply, Ok(redis::Value::Okay))
-    } else {
-        let reply: Result<i64, _> = REPLACE
-            .key(&key)
-            .arg(&running[..18])
-            .arg(record)
-            .arg(RECORD_TTL_MS)
-            .invoke_async(&mut conn)
-            .await;
-        matches!(reply, Ok(1))
-    };
-    if stored {
-        respond(StatusCode::CREATED, response)
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE.into_response()
-    }
-}
-
-async fn connection_manager(url: &str) -> ConnectionManager {
-    redis::Client::open(url)
-        .expect("valid redis url")
-        .get_connection_manager()
-        .await
-        .expect("connect to the bench's redis-server")
-}
-
-async fn redis_store(url: &str, prefix: &str) -> RedisStore {
-    let client = redis::Client::open(url).expect("valid redis url");
-    RedisStore::new(client)
-        .await
-        .expect("connect to the bench's redis-server")
-        .key_prefix(prefix)
-}
-
-async fn router_for(variant: Variant, url: &str, response: Bytes) -> Router {
-    match variant {
-        Variant::Plain => handler_router(response),
-        Variant::Memory => {
-            handler_router(response).route_layer(IdempotencyLayer::new(MemoryStore::new()))
-        }
-        Variant::RedisFirst | Variant::RedisReplay => {
-            let store = redis_store(url, &format!("idem-{}:", variant.name())).await;
-            handler_router(response).route_layer(IdempotencyLayer::new(store))
-        }
-        Variant::CachedReplay => {
-            let store = redis_store(url, &format!("idem-{}:", variant.name())).await;
-            let cache = tower_idempotency::LocalCache::new(10_000, 64 << 20);
-            handler_router(response).route_layer(IdempotencyLayer::new(store).local_cache(cache))
-        }
-        Variant::BaselineFirst | Variant::BaselineReplay | Variant::BaselineFenced => {
-            let mut conn = connection_manager(url).await;
-            let native_fence = has_set_ifeq(&mut conn).await;
-            let state = Baseline {
-                conn,
-                response,
-                native_fence,
-            };
-            let route = match variant {
-                Variant::BaselineFirst => post(baseline_first),
-                Variant::BaselineReplay => post(baseline_replay),
-                _ => post(baseline_fenced),
-            };
-            Router::new().route("/pay", route).with_state(state)
         }
     }
 }
@@ -547,65 +241,6 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     }
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx] as f64 / 1e6
-}
-
-// ---------------------------------------------------------------------------------------------
-// Redis: the server and its statistics
-
-struct RedisServer {
-    port: u16,
-    child: Child,
-}
-
-impl RedisServer {
-    fn spawn(binary: &str) -> Self {
-        let port = StdListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("find a free port");
-        let child = Command::new(binary)
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", ""])
-            .args(["--appendonly", "no"])
-            .args(["--loglevel", "warning"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "could not start {binary} ({e}); install redis-server \
-                     (apt-get install redis-server) or set REDIS_SERVER to its path"
-                )
-            });
-        let server = Self { port, child };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut conn) = server.client().get_connection()
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn client(&self) -> redis::Client {
-        redis::Client::open(self.url()).expect("valid url")
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn info(conn: &mut redis::Connection, section: &str) -> BTreeMap<String, String> {
@@ -887,17 +522,6 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".to_owned())
-}
-
-fn response_body(size: usize) -> Vec<u8> {
-    // A JSON string of the requested size: {"status":"paid","pad":"xxxx…"}
-    let head = br#"{"status":"paid","pad":""#;
-    let tail = br#""}"#;
-    let mut out = Vec::with_capacity(size.max(head.len() + tail.len()));
-    out.extend_from_slice(head);
-    out.resize(size.saturating_sub(tail.len()).max(head.len()), b'x');
-    out.extend_from_slice(tail);
-    out
 }
 
 fn print_table(totals: &BTreeMap<Variant, Totals>) {
