@@ -76,21 +76,34 @@ const MIN_SWEEP_EVERY: usize = 8;
 /// The number spelled by exactly 32 lowercase hex digits; `None` for any other text (so no two
 /// different keys map to the same number).
 fn digest(key: &str) -> Option<u128> {
-    let bytes = key.as_bytes();
-    if bytes.len() != 32 {
-        return None;
+    let bytes: &[u8; 32] = key.as_bytes().try_into().ok()?;
+    // Two 64-bit halves, each digit looked up in a table: a digit is 0..=15, anything else 16
+    // or more, so one `or` over all of them tells whether every byte was a digit.
+    let (mut hi, mut lo, mut seen) = (0u64, 0u64, 0u8);
+    for (&h, &l) in bytes[..16].iter().zip(&bytes[16..]) {
+        let (h, l) = (HEX_DIGIT[usize::from(h)], HEX_DIGIT[usize::from(l)]);
+        seen |= h | l;
+        hi = (hi << 4) | u64::from(h & 0xf);
+        lo = (lo << 4) | u64::from(l & 0xf);
     }
-    let mut n = 0u128;
-    for &b in bytes {
-        let d = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            _ => return None,
-        };
-        n = (n << 4) | u128::from(d);
-    }
-    Some(n)
+    (seen < 16).then_some((u128::from(hi) << 64) | u128::from(lo))
 }
+
+/// The value of each lowercase hex digit; `0xff` for every other byte.
+const HEX_DIGIT: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
 
 enum Entry {
     Running {
@@ -393,6 +406,21 @@ mod tests {
             "",
         ] {
             assert_eq!(digest(other), None, "{other:?}");
+        }
+        // Every number round trips, and a stray byte at any position is refused.
+        let mut n = 0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835_u128;
+        for _ in 0..1000 {
+            n = n.rotate_left(7).wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x1234;
+            let hex = format!("{n:032x}");
+            assert_eq!(digest(&hex), Some(n), "{hex}");
+        }
+        for at in 0..32 {
+            for stray in [b'g', b'G', b'A', b'/', b':', b'`', b' ', 0xc3] {
+                let mut hex = *b"0123456789abcdef0123456789abcdef";
+                hex[at] = stray;
+                let hex = String::from_utf8_lossy(&hex);
+                assert_eq!(digest(&hex), None, "{hex:?}");
+            }
         }
     }
 
