@@ -178,13 +178,11 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        // Take the service that was driven to readiness, leave a clone in its place.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = &self.config;
-
+        // A request passed through is handed to the service that was driven to readiness at
+        // once: no clone.
         if config.skip_safe_methods && is_safe(req.method()) {
-            return ResponseFuture::passthrough(inner.call(req));
+            return ResponseFuture::passthrough(self.inner.call(req));
         }
         let (parts, body) = req.into_parts();
         let route = RouteName::of(&parts);
@@ -199,7 +197,8 @@ where
             None => None,
             Some(Ok(Some(key))) => Some(key),
             Some(Ok(None)) if !config.require_key => {
-                return ResponseFuture::passthrough(inner.call(Request::from_parts(parts, body)));
+                let req = Request::from_parts(parts, body);
+                return ResponseFuture::passthrough(self.inner.call(req));
             }
             Some(Ok(None)) => return self.ready(&span, missing_key(config)),
             Some(Err(err)) => return self.ready(&span, invalid_key(err)),
@@ -207,6 +206,10 @@ where
         if content_length(&parts.headers).is_some_and(|len| len > config.max_request_body as u64) {
             return self.ready(&span, too_large(config.max_request_body));
         }
+        // The protected path calls the service later, after the claim: take the one that was
+        // driven to readiness, leave a clone in its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
         let ctx = Ctx {
             store: self.store.clone(),
             config: self.config.clone(),

@@ -776,3 +776,65 @@ async fn huge_ttls_are_clamped_not_fatal<St: IdempotencyStore>(b: Backend<St>) {
     assert!(replay.replayed(), "{} {}", replay.status, replay.text());
     assert_eq!(counters.runs(), 1);
 }
+
+/// A service that counts how often it is cloned.
+#[derive(Default)]
+struct CountsClones {
+    clones: Arc<AtomicUsize>,
+}
+
+impl Clone for CountsClones {
+    fn clone(&self) -> Self {
+        self.clones.fetch_add(1, Ordering::SeqCst);
+        Self {
+            clones: self.clones.clone(),
+        }
+    }
+}
+
+impl tower::Service<Request<Body>> for CountsClones {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<Body>) -> Self::Future {
+        std::future::ready(Ok(StatusCode::CREATED.into_response()))
+    }
+}
+
+/// A request the layer lets through (a safe method, or no key where none is required) goes to the
+/// service that was driven to readiness; only a protected request, whose handler runs after the
+/// claim, takes it and leaves a clone behind.
+#[tokio::test]
+async fn only_protected_requests_clone_the_service() {
+    use tower::{Layer, Service, ServiceExt};
+    let inner = CountsClones::default();
+    let clones = inner.clones.clone();
+    let layer = IdempotencyLayer::new(tower_idempotency::MemoryStore::new()).require_key(false);
+    let mut svc = layer.layer(inner);
+    let get = Request::get("/pay").body(Body::empty()).unwrap();
+    let keyless = Request::post("/pay").body(Body::from("x")).unwrap();
+    let keyed = || {
+        Request::post("/pay")
+            .header("idempotency-key", "k-1")
+            .body(Body::from("x"))
+            .unwrap()
+    };
+    for req in [get, keyless] {
+        let response = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    assert_eq!(clones.load(Ordering::SeqCst), 0, "passed through");
+    let response = svc.ready().await.unwrap().call(keyed()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(clones.load(Ordering::SeqCst), 1, "protected");
+    let replay = svc.ready().await.unwrap().call(keyed()).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+}
