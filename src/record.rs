@@ -373,9 +373,10 @@ pub(crate) fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Copies the headers worth storing: everything but hop-by-hop headers, headers the `Connection`
-/// header names, `Upgrade`, and the caller's `excluded` list.
-pub(crate) fn storable_headers(headers: &HeaderMap, excluded: &[HeaderName]) -> HeaderMap {
+/// The headers worth storing: everything but hop-by-hop headers, headers the `Connection` header
+/// names, `Upgrade`, and the caller's `excluded` list. `None` when that is all of them (the usual
+/// case), so the caller can store the map as it is.
+pub(crate) fn storable_headers(headers: &HeaderMap, excluded: &[HeaderName]) -> Option<HeaderMap> {
     let connection_named: Vec<&str> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -391,10 +392,8 @@ pub(crate) fn storable_headers(headers: &HeaderMap, excluded: &[HeaderName]) -> 
                 .iter()
                 .any(|n| n.eq_ignore_ascii_case(name.as_str()))
     };
-    // The usual case, nothing to drop: a clone copies the map's table as it is, without hashing
-    // every name again.
     if !headers.keys().any(dropped) {
-        return headers.clone();
+        return None;
     }
     // Only a hint, kept small: `with_capacity` panics far below the number of values a
     // `HeaderMap` can hold.
@@ -404,7 +403,7 @@ pub(crate) fn storable_headers(headers: &HeaderMap, excluded: &[HeaderName]) -> 
             out.append(name.clone(), value.clone());
         }
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]
@@ -595,11 +594,11 @@ mod tests {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         h.append("x-keep", HeaderValue::from_static("1"));
         h.append("x-keep", HeaderValue::from_static("2"));
-        let out = storable_headers(&h, &[header::SET_COOKIE]);
+        let out = storable_headers(&h, &[header::SET_COOKIE]).expect("some dropped");
         let names: Vec<_> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["content-type", "x-keep"]);
         assert_eq!(out.get_all("x-keep").iter().count(), 2);
-        let out = storable_headers(&h, &[]);
+        let out = storable_headers(&h, &[]).expect("hop-by-hop dropped");
         assert!(out.contains_key(header::SET_COOKIE));
     }
 
@@ -634,9 +633,12 @@ mod tests {
         h.append("x-keep", HeaderValue::from_static("1"));
         h.append("x-keep", HeaderValue::from_static("2"));
         h.insert(header::SET_COOKIE, HeaderValue::from_static("a=b"));
-        assert_eq!(storable_headers(&h, &[]), h);
+        assert_eq!(storable_headers(&h, &[]), None, "stored as it is");
         let mut without_cookie = h.clone();
         without_cookie.remove(header::SET_COOKIE);
-        assert_eq!(storable_headers(&h, &[header::SET_COOKIE]), without_cookie);
+        assert_eq!(
+            storable_headers(&h, &[header::SET_COOKIE]),
+            Some(without_cookie)
+        );
     }
 }

@@ -489,19 +489,27 @@ impl<St: IdempotencyStore> Ctx<St> {
 
     /// Stores the response; `watch` was lapped when the handler finished, so the operation's
     /// duration includes building the record.
+    ///
+    /// When the response's headers are stored as they are (the usual case), the record borrows
+    /// them from `parts` and gives them back once the store has them: no copy.
     async fn complete(
         &self,
         lock: &Lock,
-        parts: &http::response::Parts,
+        parts: &mut http::response::Parts,
         body: &Bytes,
         watch: &mut Stopwatch,
     ) {
         let status_only = self.config.status_only;
         let omitted = status_only || body.len() > self.config.max_response_body;
-        let mut headers = if status_only {
-            http::HeaderMap::new()
+        let (mut headers, lent) = if status_only {
+            (http::HeaderMap::new(), false)
         } else {
-            storable_headers(&parts.headers, &self.config.excluded_headers)
+            match storable_headers(&parts.headers, &self.config.excluded_headers) {
+                Some(filtered) => (filtered, false),
+                // Its `Content-Length` is removed below; the client's response keeps it.
+                None if omitted => (parts.headers.clone(), false),
+                None => (std::mem::take(&mut parts.headers), true),
+            }
         };
         if omitted && !status_only {
             headers.remove(header::CONTENT_LENGTH);
@@ -520,19 +528,34 @@ impl<St: IdempotencyStore> Ctx<St> {
             omitted,
         );
         let ttl = self.config.record_ttl;
-        let record = record.with_expiry(unix_ms().saturating_add(ttl.as_millis() as u64));
-        match self
+        let mut record = record.with_expiry(unix_ms().saturating_add(ttl.as_millis() as u64));
+        let stored = self
             .with_timeout(
                 "complete",
                 watch,
                 self.store.complete(&self.scoped, lock, &record, ttl),
             )
-            .await
-        {
+            .await;
+        #[cfg(feature = "cache")]
+        let cache = self
+            .config
+            .cache
+            .as_ref()
+            .filter(|_| matches!(stored, Ok(true)));
+        #[cfg(not(feature = "cache"))]
+        let cache: Option<std::convert::Infallible> = None;
+        if lent {
+            parts.headers = match cache {
+                // The cache keeps the record: the response gets a copy.
+                Some(_) => record.headers.clone(),
+                None => std::mem::take(&mut record.headers),
+            };
+        }
+        match stored {
             Ok(true) =>
             {
                 #[cfg(feature = "cache")]
-                if let Some(cache) = &self.config.cache {
+                if let Some(cache) = cache {
                     cache.insert(&self.scoped, record);
                 }
             }
@@ -785,9 +808,9 @@ where
                 ctx.release(&lock, &mut watch).await;
                 Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
             }
-            Ok(Ok((parts, Ok(body)))) => {
+            Ok(Ok((mut parts, Ok(body)))) => {
                 if (ctx.config.store_response)(&parts) {
-                    ctx.complete(&lock, &parts, &body, &mut watch).await;
+                    ctx.complete(&lock, &mut parts, &body, &mut watch).await;
                 } else {
                     ctx.release(&lock, &mut watch).await;
                 }

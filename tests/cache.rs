@@ -118,6 +118,22 @@ async fn replays_from_cache_without_store_round_trips<St: IdempotencyStore>(stor
     );
     assert_eq!(claims.load(Ordering::SeqCst), 1);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // The first response and the cached replay both carry the handler's headers.
+    for replayed in [false, true] {
+        let req = Request::post("/pay")
+            .header("idempotency-key", "headers")
+            .body(Body::from("x"))
+            .unwrap();
+        let response = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(
+            response.headers().contains_key("idempotent-replayed"),
+            replayed
+        );
+        assert_eq!(
+            response.headers()[http::header::CONTENT_TYPE],
+            "text/plain; charset=utf-8"
+        );
+    }
 }
 
 #[tokio::test]

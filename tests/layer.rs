@@ -151,6 +151,10 @@ async fn first_delivery_runs_once_and_replays_identically<St: IdempotencyStore>(
     assert_eq!(first.status, StatusCode::CREATED);
     assert_eq!(first.text(), "run 1: hello");
     assert!(!first.replayed());
+    // The first response keeps its headers (the record borrows them while it is stored).
+    let multi: Vec<_> = first.headers.get_all("x-multi").iter().collect();
+    assert_eq!(multi, ["one", "two"]);
+    assert_eq!(first.headers[header::CONTENT_TYPE], "text/plain");
     for _ in 0..3 {
         let again = send(&app, post_req("/echo", Some("k-1"), "hello")).await;
         assert_eq!(again.status, first.status);
