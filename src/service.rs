@@ -775,14 +775,20 @@ where
         })
         .catch_unwind();
         let outcome = {
-            let renewal = ctx.renew_forever(&lock);
-            tokio::pin!(handler, renewal);
-            tokio::select! {
-                // The handler first: one that answers at once never starts the renewal timer.
-                biased;
-                outcome = &mut handler => outcome,
-                () = &mut renewal => unreachable!("renewal never ends"),
-            }
+            let mut handler = std::pin::pin!(handler);
+            // The renewal starts once the handler has not answered at once, boxed: a handler
+            // that answers at once arms no timer, and the renewal's state takes no room here.
+            let mut renewal = None;
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(outcome) = handler.as_mut().poll(cx) {
+                    return Poll::Ready(outcome);
+                }
+                let renewal = renewal.get_or_insert_with(|| Box::pin(ctx.renew_forever(&lock)));
+                // It never ends; polling it keeps its timer armed.
+                let _ = renewal.as_mut().poll(cx);
+                Poll::Pending
+            })
+            .await
         };
         metrics::handler(watch.lap());
         if let Some(started) = debug_started {
