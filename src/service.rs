@@ -367,46 +367,25 @@ impl std::fmt::Display for RouteName {
 }
 
 impl<St: IdempotencyStore> Ctx<St> {
-    /// Runs store operation `name` within the store timeout, and measures it: its duration is
-    /// `watch`'s lap when it ends, so `watch` must have been started or lapped just before.
-    ///
-    /// The operation is polled once before any timer exists: a store that answers at once (the
-    /// in-memory one, a cache) costs no timer registration and no clock read.
-    async fn with_timeout<T>(
-        &self,
-        name: &'static str,
-        watch: &mut Stopwatch,
-        op: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        let timeout = self.config.store_timeout;
-        let mut op = std::pin::pin!(op);
-        // Polled unconstrained, as `tokio::time::timeout` polls its timer: an operation that
-        // used up the task's scheduling budget must not keep the timeout from firing.
-        let mut timer =
-            std::pin::pin!(None::<tokio::task::coop::Unconstrained<tokio::time::Sleep>>);
-        let result = std::future::poll_fn(|cx| {
-            if let Poll::Ready(result) = op.as_mut().poll(cx) {
-                return Poll::Ready(result);
-            }
-            if timer.is_none() {
-                timer.set(Some(tokio::task::coop::unconstrained(tokio::time::sleep(
-                    timeout,
-                ))));
-            }
-            match timer.as_mut().as_pin_mut() {
-                Some(timer) => timer.poll(cx).map(|()| Err(StoreError::Timeout)),
-                None => Poll::Pending,
-            }
-        })
-        .await;
-        metrics::store_op(name, watch.lap(), result.is_ok());
-        result
+    /// Store operation `name` within the store timeout, measured: its duration is `watch`'s lap
+    /// when it ends, so `watch` must have been started or lapped just before.
+    fn timed<'a, F>(&self, name: &'static str, watch: &'a mut Stopwatch, op: F) -> Timed<'a, F> {
+        Timed {
+            op,
+            timer: None,
+            timeout: self.config.store_timeout,
+            name,
+            watch,
+        }
     }
 
-    async fn claim(&self, lock: &Lock, watch: &mut Stopwatch) -> Result<Claim, StoreError> {
+    fn claim<'a>(
+        &'a self,
+        lock: &'a Lock,
+        watch: &'a mut Stopwatch,
+    ) -> Timed<'a, impl Future<Output = Result<Claim, StoreError>> + 'a> {
         let lease = self.config.lock_ttl;
-        self.with_timeout("claim", watch, self.store.claim(&self.scoped, lock, lease))
-            .await
+        self.timed("claim", watch, self.store.claim(&self.scoped, lock, lease))
     }
 
     /// Waits (bounded in time and in concurrent waiters) for the request holding the key to
@@ -460,7 +439,7 @@ impl<St: IdempotencyStore> Ctx<St> {
             ticks.tick().await;
             let mut watch = Stopwatch::start();
             match self
-                .with_timeout(
+                .timed(
                     "renew",
                     &mut watch,
                     self.store.renew(&self.scoped, lock, lease),
@@ -530,7 +509,7 @@ impl<St: IdempotencyStore> Ctx<St> {
         let ttl = self.config.record_ttl;
         let mut record = record.with_expiry(unix_ms().saturating_add(ttl.as_millis() as u64));
         let stored = self
-            .with_timeout(
+            .timed(
                 "complete",
                 watch,
                 self.store.complete(&self.scoped, lock, &record, ttl),
@@ -577,7 +556,7 @@ impl<St: IdempotencyStore> Ctx<St> {
     /// Releases the claim; `watch` was lapped when the handler finished.
     async fn release(&self, lock: &Lock, watch: &mut Stopwatch) {
         if let Err(err) = self
-            .with_timeout("release", watch, self.store.release(&self.scoped, lock))
+            .timed("release", watch, self.store.release(&self.scoped, lock))
             .await
         {
             tracing::error!(
@@ -586,6 +565,49 @@ impl<St: IdempotencyStore> Ctx<St> {
                 "could not release the key; it stays locked until its lease lapses"
             );
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A store operation within the store timeout, measured when it ends.
+    ///
+    /// The operation is polled once before any timer exists: a store that answers at once (the
+    /// in-memory one, a cache) costs no timer registration and no clock read. A future of its
+    /// own rather than an `async fn`, which would keep the operation twice.
+    struct Timed<'a, F> {
+        #[pin]
+        op: F,
+        // Polled unconstrained, as `tokio::time::timeout` polls its timer: an operation that
+        // used up the task's scheduling budget must not keep the timeout from firing.
+        #[pin]
+        timer: Option<tokio::task::coop::Unconstrained<tokio::time::Sleep>>,
+        timeout: Duration,
+        name: &'static str,
+        watch: &'a mut Stopwatch,
+    }
+}
+
+impl<T, F: Future<Output = Result<T, StoreError>>> Future for Timed<'_, F> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let result = match this.op.poll(cx) {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                if this.timer.is_none() {
+                    let sleep = tokio::time::sleep(*this.timeout);
+                    this.timer
+                        .set(Some(tokio::task::coop::unconstrained(sleep)));
+                }
+                match this.timer.as_pin_mut().map(|timer| timer.poll(cx)) {
+                    Some(Poll::Ready(())) => Err(StoreError::Timeout),
+                    _ => return Poll::Pending,
+                }
+            }
+        };
+        metrics::store_op(this.name, this.watch.lap(), result.is_ok());
+        Poll::Ready(result)
     }
 }
 
@@ -632,9 +654,10 @@ where
         ) {
             Ok(Some(key)) => key,
             Ok(None) if !ctx.config.require_key => {
-                return inner
-                    .call(Request::from_parts(parts, ReqBody::from(body)))
-                    .await;
+                // Boxed, as in fail-open below: rare paths, whose handler future would
+                // otherwise make every request's future larger.
+                let req = Request::from_parts(parts, ReqBody::from(body));
+                return Box::pin(inner.call(req)).await;
             }
             Ok(None) => return Ok(ctx.reject(missing_key(&ctx.config))),
             Err(err) => return Ok(ctx.reject(invalid_key(err))),
@@ -723,9 +746,8 @@ where
                 record_outcome(Outcome::FailOpen);
                 tracing::warn!(route = %ctx.route, error = %err, "idempotency store unavailable; running the handler unprotected (fail-open)");
                 parts.extensions.insert(key);
-                inner
-                    .call(Request::from_parts(parts, ReqBody::from(body)))
-                    .await
+                let req = Request::from_parts(parts, ReqBody::from(body));
+                Box::pin(inner.call(req)).await
             }
             Err(err) => {
                 record_outcome(Outcome::StoreError);
