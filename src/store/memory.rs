@@ -414,12 +414,17 @@ mod tests {
             let hex = format!("{n:032x}");
             assert_eq!(digest(&hex), Some(n), "{hex}");
         }
+        let hex = "0123456789abcdef0123456789abcdef";
         for at in 0..32 {
-            for stray in [b'g', b'G', b'A', b'/', b':', b'`', b' ', 0xc3] {
-                let mut hex = *b"0123456789abcdef0123456789abcdef";
-                hex[at] = stray;
-                let hex = String::from_utf8_lossy(&hex);
-                assert_eq!(digest(&hex), None, "{hex:?}");
+            for stray in ["g", "G", "A", "/", ":", "`", " ", "\0"] {
+                let key = format!("{}{stray}{}", &hex[..at], &hex[at + 1..]);
+                assert_eq!(digest(&key), None, "{key:?}");
+            }
+            // A two-byte character in place of two digits keeps the length at 32.
+            if at < 31 {
+                let key = format!("{}é{}", &hex[..at], &hex[at + 2..]);
+                assert_eq!(key.len(), 32);
+                assert_eq!(digest(&key), None, "{key:?}");
             }
         }
     }
