@@ -22,6 +22,7 @@
 //! In production, share the entries between instances with Redis:
 //!
 //! ```no_run
+//! # #[cfg(feature = "redis")]
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
 //! use tower_idempotency::{IdempotencyLayer, RedisStore};
@@ -68,12 +69,14 @@
 //! wraps this one, so unsigned requests never claim a delivery id.
 //!
 //! ```
+//! # #[cfg(feature = "json")] {
 //! use axum::{Router, routing::post};
 //! use tower_idempotency::{IdempotencyLayer, MemoryStore};
 //!
 //! let app: Router = Router::new()
 //!     .route("/webhooks/stripe", post(|| async { "ok" }))
 //!     .route_layer(IdempotencyLayer::stripe_webhooks(MemoryStore::new()));
+//! # }
 //! ```
 //!
 //! # How it works

@@ -18,7 +18,8 @@ type KeyFn =
 /// use http::HeaderName;
 /// use tower_idempotency::{IdempotencyLayer, KeySource, MemoryStore};
 ///
-/// // Stripe-style: the event id in the JSON body.
+/// // Stripe-style: the event id in the JSON body (feature `json`).
+/// # #[cfg(feature = "json")]
 /// let layer = IdempotencyLayer::new(MemoryStore::new()).key_source(KeySource::json_field("id"));
 /// // A delivery header of your own.
 /// let layer = IdempotencyLayer::new(MemoryStore::new())
