@@ -206,7 +206,13 @@ fn main() {
     let run_id = format!("instr-{}", std::process::id());
     for mode in modes {
         let timing = rt.block_on(async {
-            let router = mode.router(redis_url.as_deref(), response.clone()).await;
+            // As `axum::serve` does: a router finalized with its state turns its handlers into
+            // services once, where an unfinalized one does so (and applies its route layers) on
+            // every request.
+            let router = mode
+                .router(redis_url.as_deref(), response.clone())
+                .await
+                .with_state(());
             drive(&router, mode, &format!("{run_id}-{}", mode.name()), n).await
         });
         println!(

@@ -80,7 +80,8 @@ fn run(
     iters: u64,
 ) -> Duration {
     rt.block_on(async {
-        let router = make();
+        // As `axum::serve` does: finalized once, not per request (see benches/instructions.rs).
+        let router = make().with_state(());
         if let Some(key) = key {
             call(&router, key).await;
         }
