@@ -213,16 +213,15 @@ where
         let ctx = Ctx {
             store: self.store.clone(),
             config: self.config.clone(),
-            scoped: String::new(),
+            scoped: ScopedKey::default(),
             route,
         };
-        let future = run(inner, ctx, key, parts, body);
         // A disabled span (no subscriber, or `DEBUG` filtered out, as in most production
         // setups) is not entered and left on every poll.
         ResponseFuture::protected(if span.is_disabled() {
-            Box::pin(future)
+            boxed(|| run(inner, ctx, key, parts, body))
         } else {
-            Box::pin(future.instrument(span))
+            boxed(|| run(inner, ctx, key, parts, body).instrument(span))
         })
     }
 }
@@ -295,7 +294,7 @@ fn scoped_key(
     route: &RouteName,
     config: &Config,
     key: &IdempotencyKey,
-) -> String {
+) -> ScopedKey {
     let route = route.as_str().as_bytes();
     let namespace = config.namespace.as_deref().unwrap_or("").as_bytes();
     let caller = config.scope.as_ref().and_then(|f| f(parts));
@@ -314,7 +313,19 @@ fn scoped_key(
         pair[0] = HEX[usize::from(b >> 4)];
         pair[1] = HEX[usize::from(b & 0xf)];
     }
-    String::from(std::str::from_utf8(&hex).expect("hex digits are ASCII"))
+    ScopedKey(hex)
+}
+
+/// The key the store sees: 128 bits of the scope's digest in 32 lowercase hex digits, kept
+/// inline (no allocation per request).
+#[derive(Clone, Copy, Default)]
+struct ScopedKey([u8; 32]);
+
+impl ScopedKey {
+    fn as_str(&self) -> &str {
+        // Only ever hex digits (or, before the key is known, zeros): valid UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -325,7 +336,7 @@ struct Ctx<St> {
     store: St,
     config: Arc<Config>,
     /// The scoped key the store sees.
-    scoped: String,
+    scoped: ScopedKey,
     /// The route, for the warnings and errors the layer logs.
     route: RouteName,
 }
@@ -385,7 +396,11 @@ impl<St: IdempotencyStore> Ctx<St> {
         watch: &'a mut Stopwatch,
     ) -> Timed<'a, impl Future<Output = Result<Claim, StoreError>> + 'a> {
         let lease = self.config.lock_ttl;
-        self.timed("claim", watch, self.store.claim(&self.scoped, lock, lease))
+        self.timed(
+            "claim",
+            watch,
+            self.store.claim(self.scoped.as_str(), lock, lease),
+        )
     }
 
     /// Waits (bounded in time and in concurrent waiters) for the request holding the key to
@@ -442,7 +457,7 @@ impl<St: IdempotencyStore> Ctx<St> {
                 .timed(
                     "renew",
                     &mut watch,
-                    self.store.renew(&self.scoped, lock, lease),
+                    self.store.renew(self.scoped.as_str(), lock, lease),
                 )
                 .await
             {
@@ -512,7 +527,8 @@ impl<St: IdempotencyStore> Ctx<St> {
             .timed(
                 "complete",
                 watch,
-                self.store.complete(&self.scoped, lock, &record, ttl),
+                self.store
+                    .complete(self.scoped.as_str(), lock, &record, ttl),
             )
             .await;
         #[cfg(feature = "cache")]
@@ -535,7 +551,7 @@ impl<St: IdempotencyStore> Ctx<St> {
             {
                 #[cfg(feature = "cache")]
                 if let Some(cache) = cache {
-                    cache.insert(&self.scoped, record);
+                    cache.insert(self.scoped.as_str(), record);
                 }
             }
             Ok(false) => {
@@ -556,7 +572,11 @@ impl<St: IdempotencyStore> Ctx<St> {
     /// Releases the claim; `watch` was lapped when the handler finished.
     async fn release(&self, lock: &Lock, watch: &mut Stopwatch) {
         if let Err(err) = self
-            .timed("release", watch, self.store.release(&self.scoped, lock))
+            .timed(
+                "release",
+                watch,
+                self.store.release(self.scoped.as_str(), lock),
+            )
             .await
         {
             tracing::error!(
@@ -668,7 +688,7 @@ where
 
         #[cfg(feature = "cache")]
         if let Some(cache) = &ctx.config.cache {
-            match cache.get(&ctx.scoped) {
+            match cache.get(ctx.scoped.as_str()) {
                 Some(record) => {
                     metrics::count(metrics::CACHE_HITS);
                     if record.fingerprint == fingerprint {
@@ -703,19 +723,18 @@ where
                 // The owner's work runs in this task; if the client goes away it carries on in a
                 // task of its own, so the handler is never cancelled halfway and the claim is always
                 // completed or released.
-                let owner = own(inner, ctx, req, lock, watch);
                 let span = Span::current();
                 if span.is_disabled() {
-                    DetachOnDrop::new(owner).await
+                    DetachOnDrop::new(|| own(inner, ctx, req, lock, watch)).await
                 } else {
-                    DetachOnDrop::new(owner.instrument(span)).await
+                    DetachOnDrop::new(|| own(inner, ctx, req, lock, watch).instrument(span)).await
                 }
             }
             Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {
                 record_outcome(Outcome::Replayed);
                 #[cfg(feature = "cache")]
                 if let Some(cache) = &ctx.config.cache {
-                    cache.insert(&ctx.scoped, record.clone());
+                    cache.insert(ctx.scoped.as_str(), record.clone());
                 }
                 Ok(replay(record))
             }
@@ -848,6 +867,13 @@ where
     }
 }
 
+/// Allocates room for a future, then builds it there: built first and boxed after, as
+/// `Box::pin(make())` does, the whole state machine (a kilobyte or more) is built on the stack
+/// and copied into the box.
+fn boxed<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
 /// Drives a future in the caller's task; if dropped before the future finished, spawns the rest
 /// on the current runtime instead of cancelling it (without a runtime, nothing could drive it:
 /// it is dropped, and a claim it held lapses with its lease).
@@ -859,9 +885,9 @@ struct DetachOnDrop<T: Send + 'static> {
 }
 
 impl<T: Send + 'static> DetachOnDrop<T> {
-    fn new(future: impl Future<Output = T> + Send + 'static) -> Self {
+    fn new<F: Future<Output = T> + Send + 'static>(make: impl FnOnce() -> F) -> Self {
         Self {
-            future: Some(Box::pin(future)),
+            future: Some(boxed(make)),
         }
     }
 }
