@@ -33,7 +33,9 @@ use tower::ServiceExt;
 use tower_idempotency::IdempotencyLayer;
 
 use support::null_store::NullStore;
-use support::{KEY_HEADER, REQUEST_BODY, RedisServer, Variant, handler_router, router_for};
+use support::{
+    KEY_HEADER, KEY_LEN, REQUEST_BODY, RedisServer, Variant, handler_router, router_for, write_key,
+};
 
 /// A variant of the throughput benchmark, or one of the in-process extras.
 #[derive(Clone, Copy, Debug)]
@@ -126,11 +128,13 @@ struct Timing {
 /// Sends `n` sequential requests; keys are unique to this run (`run_id`) unless the variant
 /// repeats one, which is then stored by one request before the `n`.
 async fn drive(router: &Router, mode: Mode, run_id: &str, n: usize) -> Timing {
-    let repeated = format!("{run_id}-the-key");
+    let mut repeated = String::new();
+    write_key(&mut repeated, &format!("{run_id}-r-"), 0);
     if mode.repeats_key() {
         call(router, &repeated).await;
     }
-    let mut key = String::with_capacity(run_id.len() + 12);
+    let prefix = format!("{run_id}-");
+    let mut key = String::with_capacity(KEY_LEN);
     let mut second_half = Instant::now();
     let mut slowest = Duration::ZERO;
     for i in 0..n {
@@ -141,10 +145,7 @@ async fn drive(router: &Router, mode: Mode, run_id: &str, n: usize) -> Timing {
         if mode.repeats_key() {
             call(router, &repeated).await;
         } else {
-            key.clear();
-            key.push_str(run_id);
-            key.push('-');
-            key.push_str(itoa(i, &mut [0; 20]));
+            write_key(&mut key, &prefix, i as u64);
             call(router, &key).await;
         }
         slowest = slowest.max(started.elapsed());
@@ -154,20 +155,6 @@ async fn drive(router: &Router, mode: Mode, run_id: &str, n: usize) -> Timing {
         per_request: second_half.elapsed() / half,
         slowest,
     }
-}
-
-/// `i` in decimal, without the formatting machinery (its cost would land in every count).
-fn itoa(mut i: usize, buf: &mut [u8; 20]) -> &str {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (i % 10) as u8;
-        i /= 10;
-        if i == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(&buf[at..]).expect("digits")
 }
 
 fn main() {

@@ -31,7 +31,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -43,8 +42,8 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
 use support::{
-    KEY_HEADER, RECORD_TTL_MS, REQUEST_BODY, RedisServer, Variant, handler_router, redis_store,
-    response_body, router_for,
+    KEY_HEADER, KEY_LEN, RECORD_TTL_MS, REQUEST_BODY, RedisServer, Variant, handler_router,
+    redis_store, response_body, router_for, write_key,
 };
 use tower_idempotency::IdempotencyLayer;
 
@@ -173,18 +172,17 @@ async fn phase(
             format!("{key_base}-{worker}-")
         };
         tasks.push(tokio::spawn(async move {
-            let fixed = HeaderValue::from_str(&prefix).expect("ascii key");
+            let mut key = String::with_capacity(KEY_LEN);
+            write_key(&mut key, &prefix, 0);
+            let fixed = HeaderValue::from_str(&key).expect("ascii key");
             let body = Bytes::from_static(REQUEST_BODY);
             let mut latencies = Vec::with_capacity(16 * 1024);
-            let mut key = String::with_capacity(prefix.len() + 12);
             let (mut requests, mut errors) = (0u64, 0u64);
             while Instant::now() < end {
                 let key_value = if repeat_key {
                     fixed.clone()
                 } else {
-                    key.clear();
-                    key.push_str(&prefix);
-                    let _ = write!(key, "{requests}");
+                    write_key(&mut key, &prefix, requests);
                     HeaderValue::from_str(&key).expect("ascii key")
                 };
                 let req = hyper::Request::post("/pay")

@@ -25,6 +25,24 @@ use tower_idempotency::{IdempotencyLayer, MemoryStore, RedisStore};
 pub const REQUEST_BODY: &[u8] =
     br#"{"order":"ord_8c1f2e","amount":4200,"currency":"eur","customer":"cus_42"}"#;
 pub const KEY_HEADER: &str = "idempotency-key";
+/// Keys are as long as a UUID's text (what most clients send): a prefix, then the request's
+/// number, zero-padded.
+pub const KEY_LEN: usize = 36;
+
+/// Writes key number `n` under `prefix` (shorter than `KEY_LEN`) into `out`: `KEY_LEN`
+/// characters. Without `fmt`, so the drivers' own work per request stays small.
+pub fn write_key(out: &mut String, prefix: &str, mut n: u64) {
+    let mut digits = [b'0'; KEY_LEN];
+    let width = KEY_LEN.saturating_sub(prefix.len());
+    for at in (0..width).rev() {
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.clear();
+    out.push_str(prefix);
+    out.push_str(std::str::from_utf8(&digits[..width]).expect("digits"));
+}
+
 const LEASE_MS: u64 = 30_000;
 pub const RECORD_TTL_MS: u64 = 24 * 60 * 60 * 1000;
 
