@@ -30,39 +30,76 @@ impl Fingerprint {
     }
 }
 
-/// BLAKE3 of `fields`, each preceded by its length as a little-endian `u64`.
+/// BLAKE3 of `fields`, each but the last preceded by its length (unsigned LEB128: one byte below
+/// 128), the last running to the end of the input.
 ///
-/// The digest is the same as feeding each length and field to a [`blake3::Hasher`] in turn; short
-/// inputs (the usual case: a scope key, a small JSON body) are laid out in one stack buffer and
-/// hashed with a single call, which costs far less than many small `update`s.
+/// For a given number of fields no two lists give the same input: the lengths delimit every
+/// field but the last, and the last is what remains. (Where the number of fields varies, as in
+/// the scope key with and without a caller, a marker field before the optional one tells them
+/// apart.) Short lengths take one byte, so a scope key for a short route and a 36-character key
+/// is about 45 bytes: one BLAKE3 block, one compression.
+///
+/// Short inputs (the usual case: a scope key, a small JSON body) are laid out in one stack buffer
+/// and hashed with a single call, which costs far less than many small `update`s; longer ones are
+/// fed to a [`blake3::Hasher`] piece by piece, the same byte stream.
 pub(crate) fn digest_fields(fields: &[&[u8]]) -> blake3::Hash {
-    let total: usize = fields.iter().map(|f| 8 + f.len()).sum();
+    let Some((last, rest)) = fields.split_last() else {
+        return blake3::hash(&[]);
+    };
+    // At most this long: each length takes one byte below 128, up to `MAX_VARINT`.
+    let total = fields.iter().map(|f| f.len()).sum::<usize>() + MAX_VARINT * rest.len();
     // Two sizes of buffer, so the usual short input does not pay for zeroing the larger one.
     if total <= 256 {
-        digest_inline::<256>(fields, total)
+        digest_inline::<256>(rest, last)
     } else if total <= 1024 {
-        digest_inline::<1024>(fields, total)
+        digest_inline::<1024>(rest, last)
     } else {
         let mut hasher = blake3::Hasher::new();
-        for field in fields {
-            hasher.update(&(field.len() as u64).to_le_bytes());
+        let mut len = [0u8; MAX_VARINT];
+        for field in rest {
+            let n = write_varint(&mut len, field.len());
+            hasher.update(&len[..n]);
             hasher.update(field);
         }
+        hasher.update(last);
         hasher.finalize()
     }
 }
 
-fn digest_inline<const N: usize>(fields: &[&[u8]], total: usize) -> blake3::Hash {
+fn digest_inline<const N: usize>(rest: &[&[u8]], last: &[u8]) -> blake3::Hash {
     let mut buf = [0u8; N];
     let mut at = 0;
-    for field in fields {
-        buf[at..at + 8].copy_from_slice(&(field.len() as u64).to_le_bytes());
-        at += 8;
+    for field in rest {
+        at += write_varint(&mut buf[at..], field.len());
         buf[at..at + field.len()].copy_from_slice(field);
         at += field.len();
     }
-    debug_assert_eq!(at, total);
+    buf[at..at + last.len()].copy_from_slice(last);
+    at += last.len();
     blake3::hash(&buf[..at])
+}
+
+/// The most bytes a `usize` takes in LEB128.
+const MAX_VARINT: usize = (usize::BITS as usize).div_ceil(7);
+
+/// How many bytes `n` takes in LEB128.
+#[cfg(test)]
+fn varint_len(n: usize) -> usize {
+    let bits = (usize::BITS - (n | 1).leading_zeros()) as usize;
+    bits.div_ceil(7)
+}
+
+/// Writes `n` in LEB128 (seven bits a byte, least significant first, the high bit set on all
+/// but the last byte) at the start of `out`; returns how many bytes it took.
+fn write_varint(out: &mut [u8], mut n: usize) -> usize {
+    let mut i = 0;
+    while n >= 0x80 {
+        out[i] = (n as u8 & 0x7f) | 0x80;
+        n >>= 7;
+        i += 1;
+    }
+    out[i] = n as u8;
+    i + 1
 }
 
 impl std::fmt::Debug for Fingerprint {
@@ -104,31 +141,82 @@ mod tests {
         );
     }
 
-    /// The one-buffer path and the streaming path give the digest of the same byte stream, so
-    /// digests (and stored records) do not depend on the input's size.
-    #[test]
-    fn digest_fields_matches_streaming() {
-        let reference = |fields: &[&[u8]]| {
-            let mut hasher = blake3::Hasher::new();
-            for field in fields {
-                hasher.update(&(field.len() as u64).to_le_bytes());
-                hasher.update(field);
+    /// The input as the doc of `digest_fields` describes it, built independently: LEB128 by
+    /// repeated division, every field but the last prefixed.
+    fn reference_input(fields: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, field) in fields.iter().enumerate() {
+            if i + 1 < fields.len() {
+                let mut n = field.len();
+                loop {
+                    let low = (n % 128) as u8;
+                    n /= 128;
+                    if n == 0 {
+                        out.push(low);
+                        break;
+                    }
+                    out.push(low + 128);
+                }
             }
-            hasher.finalize()
-        };
-        let big = vec![7u8; 5000];
-        // The fields add 36 bytes of lengths, method and path: a 220-byte body makes exactly
-        // 256, the largest input of the small buffer, and a 988-byte body 1024, the largest
-        // input hashed in one call.
-        for body_len in [0, 1, 100, 219, 220, 221, 987, 988, 989, 1024, 5000] {
+            out.extend_from_slice(field);
+        }
+        out
+    }
+
+    /// The one-buffer paths and the streaming path hash the same byte stream, the documented
+    /// one, so digests (and the store keys and records built on them) do not depend on the
+    /// input's size.
+    #[test]
+    fn digest_fields_hashes_the_documented_input() {
+        let big = vec![7u8; 20_000];
+        // The buffer is chosen by the longest the input could be: 12 bytes of method and path,
+        // the body, and room for two 10-byte lengths. A 224-byte body is the longest for the
+        // small buffer, a 992-byte one the longest hashed in one call.
+        for body_len in [0, 1, 100, 223, 224, 225, 991, 992, 993, 5000] {
             let fields: [&[u8]; 3] = [b"POST", b"/pay?x=1", &big[..body_len]];
             assert_eq!(
                 digest_fields(&fields),
-                reference(&fields),
+                blake3::hash(&reference_input(&fields)),
                 "body {body_len}"
             );
         }
-        assert_eq!(digest_fields(&[]), reference(&[]));
+        // Lengths of two and three bytes, in each path.
+        for first in [127, 128, 200, 16_383, 16_384] {
+            for last in [0, 10, 900, 2000] {
+                let fields: [&[u8]; 3] = [&big[..first], b"", &big[..last]];
+                assert_eq!(
+                    digest_fields(&fields),
+                    blake3::hash(&reference_input(&fields)),
+                    "first {first}, last {last}"
+                );
+            }
+        }
+        assert_eq!(digest_fields(&[]), blake3::hash(&[]));
+        assert_eq!(digest_fields(&[b"only"]), blake3::hash(b"only"));
+    }
+
+    /// The layout spelled out byte by byte: store keys and stored fingerprints depend on it, so
+    /// a change to it must be deliberate (records written before it would no longer be found).
+    #[test]
+    fn digest_input_layout() {
+        let fields: [&[u8]; 4] = [b"/pay", b"", b"\x00", b"key-1"];
+        assert_eq!(
+            digest_fields(&fields),
+            blake3::hash(b"\x04/pay\x00\x01\x00key-1")
+        );
+        let long = [b'a'; 300];
+        // 300 = 0b10_0101100: 0xac (low seven bits, continued), then 0x02.
+        let mut expected = vec![0xac, 0x02];
+        expected.extend_from_slice(&long);
+        expected.extend_from_slice(b"tail");
+        assert_eq!(digest_fields(&[&long, b"tail"]), blake3::hash(&expected));
+        assert_eq!(varint_len(0), 1);
+        assert_eq!(varint_len(127), 1);
+        assert_eq!(varint_len(128), 2);
+        assert_eq!(varint_len(usize::MAX), MAX_VARINT);
+        let mut buf = [0u8; MAX_VARINT];
+        assert_eq!(write_varint(&mut buf, usize::MAX), MAX_VARINT);
+        assert_eq!(buf[MAX_VARINT - 1], 0x01);
     }
 
     #[test]
@@ -144,5 +232,12 @@ mod tests {
         let a = Fingerprint::of(&Method::POST, &"/ab".parse().unwrap(), b"c");
         let b = Fingerprint::of(&Method::POST, &"/a".parse().unwrap(), b"bc");
         assert_ne!(a, b);
+        // Between any two fields, and with the optional field's marker.
+        let fields = |a: &[u8], b: &[u8]| digest_fields(&[a, b, b"\x00", b"key"]);
+        assert_ne!(fields(b"/ab", b"c"), fields(b"/a", b"bc"));
+        assert_ne!(
+            digest_fields(&[b"/a", b"", b"\x00", b"\x01\x03abckey"]),
+            digest_fields(&[b"/a", b"", b"\x01", b"abc", b"key"])
+        );
     }
 }

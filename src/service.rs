@@ -286,9 +286,10 @@ fn render<B: From<Bytes>>(config: &Config, rejection: &Rejection) -> Response<B>
     response.map(B::from)
 }
 
-/// The key the store sees: 32 hex characters of BLAKE3 over the route, the caller scope and the
-/// idempotency key, each length-prefixed. Fixed-size, so a store key never grows with the input,
-/// and free of the raw key.
+/// The key the store sees: 32 hex characters of BLAKE3 over the route, the namespace, the caller
+/// scope (after a marker saying whether there is one) and the idempotency key, laid out as
+/// `digest_fields` describes. Fixed-size, so a store key never grows with the input, and free of
+/// the raw key.
 fn scoped_key(
     parts: &request::Parts,
     route: &RouteName,
