@@ -152,8 +152,19 @@ impl Outcome {
 }
 
 fn record_outcome(outcome: Outcome) {
-    Span::current().record("outcome", outcome.as_str());
+    if debug_on() {
+        Span::current().record("outcome", outcome.as_str());
+    }
     metrics::outcome(outcome.as_str());
+}
+
+/// Whether anything may take `DEBUG`, the level of the request's span. When nothing does (no
+/// subscriber, or a filter below it, as in most production setups) there is no span of the
+/// layer's to record on or to carry into the owner's part, and no `Span::current()` lookup is
+/// made.
+fn debug_on() -> bool {
+    use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+    tracing::Level::DEBUG <= STATIC_MAX_LEVEL && tracing::Level::DEBUG <= LevelFilter::current()
 }
 
 impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
@@ -186,12 +197,19 @@ where
         }
         let (parts, body) = req.into_parts();
         let route = RouteName::of(&parts);
-        let span = tracing::debug_span!(
-            "idempotency",
-            method = %parts.method,
-            route = route.as_str(),
-            outcome = tracing::field::Empty,
-        );
+        // Made only when something could see it: a subscriber taking `DEBUG`, or a `log` logger
+        // at `DEBUG` (through `tracing`'s `log` feature, with no subscriber). Otherwise making,
+        // recording and dropping a span that goes nowhere costs as much as a hash table lookup.
+        let span = if debug_on() || log::max_level() >= log::LevelFilter::Debug {
+            tracing::debug_span!(
+                "idempotency",
+                method = %parts.method,
+                route = route.as_str(),
+                outcome = tracing::field::Empty,
+            )
+        } else {
+            Span::none()
+        };
         // Header keys are checked before the body is read; body keys once it is.
         let key = match config.key_source.extract_from_head(&parts) {
             None => None,
@@ -724,7 +742,11 @@ where
                 // The owner's work runs in this task; if the client goes away it carries on in a
                 // task of its own, so the handler is never cancelled halfway and the claim is always
                 // completed or released.
-                let span = Span::current();
+                let span = if debug_on() {
+                    Span::current()
+                } else {
+                    Span::none()
+                };
                 if span.is_disabled() {
                     DetachOnDrop::new(|| own(inner, ctx, req, lock, watch)).await
                 } else {
