@@ -2,6 +2,8 @@
 
 use http::{Method, Uri};
 
+use crate::record::{MAX_VARINT, write_varint};
+
 /// A 256-bit BLAKE3 digest of a request's method, path and query, and body.
 ///
 /// Two requests with the same key but different fingerprints are a client error (`422`): the key
@@ -57,7 +59,7 @@ pub(crate) fn digest_fields(fields: &[&[u8]]) -> blake3::Hash {
         let mut hasher = blake3::Hasher::new();
         let mut len = [0u8; MAX_VARINT];
         for field in rest {
-            let n = write_varint(&mut len, field.len());
+            let n = write_varint(&mut len, field.len() as u64);
             hasher.update(&len[..n]);
             hasher.update(field);
         }
@@ -70,36 +72,13 @@ fn digest_inline<const N: usize>(rest: &[&[u8]], last: &[u8]) -> blake3::Hash {
     let mut buf = [0u8; N];
     let mut at = 0;
     for field in rest {
-        at += write_varint(&mut buf[at..], field.len());
+        at += write_varint(&mut buf[at..], field.len() as u64);
         buf[at..at + field.len()].copy_from_slice(field);
         at += field.len();
     }
     buf[at..at + last.len()].copy_from_slice(last);
     at += last.len();
     blake3::hash(&buf[..at])
-}
-
-/// The most bytes a `usize` takes in LEB128.
-const MAX_VARINT: usize = (usize::BITS as usize).div_ceil(7);
-
-/// How many bytes `n` takes in LEB128.
-#[cfg(test)]
-fn varint_len(n: usize) -> usize {
-    let bits = (usize::BITS - (n | 1).leading_zeros()) as usize;
-    bits.div_ceil(7)
-}
-
-/// Writes `n` in LEB128 (seven bits a byte, least significant first, the high bit set on all
-/// but the last byte) at the start of `out`; returns how many bytes it took.
-fn write_varint(out: &mut [u8], mut n: usize) -> usize {
-    let mut i = 0;
-    while n >= 0x80 {
-        out[i] = (n as u8 & 0x7f) | 0x80;
-        n >>= 7;
-        i += 1;
-    }
-    out[i] = n as u8;
-    i + 1
 }
 
 impl std::fmt::Debug for Fingerprint {
@@ -210,13 +189,6 @@ mod tests {
         expected.extend_from_slice(&long);
         expected.extend_from_slice(b"tail");
         assert_eq!(digest_fields(&[&long, b"tail"]), blake3::hash(&expected));
-        assert_eq!(varint_len(0), 1);
-        assert_eq!(varint_len(127), 1);
-        assert_eq!(varint_len(128), 2);
-        assert_eq!(varint_len(usize::MAX), MAX_VARINT);
-        let mut buf = [0u8; MAX_VARINT];
-        assert_eq!(write_varint(&mut buf, usize::MAX), MAX_VARINT);
-        assert_eq!(buf[MAX_VARINT - 1], 0x01);
     }
 
     #[test]

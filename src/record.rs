@@ -280,6 +280,23 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// The most bytes a varint takes (a `u64` in LEB128).
+pub(crate) const MAX_VARINT: usize = 10;
+
+/// Writes `n` as a varint at the start of `out`; returns how many bytes it took.
+pub(crate) fn write_varint(out: &mut [u8], mut n: u64) -> usize {
+    let mut i = 0;
+    while n >= 0x80 {
+        out[i] = (n as u8) | 0x80;
+        n >>= 7;
+        i += 1;
+    }
+    out[i] = n as u8;
+    i + 1
+}
+
+/// Appends `n` as a varint: the bytes of [`write_varint`], pushed one by one (cheaper on the
+/// encoding path than writing them to a buffer and copying it).
 fn put_varint(out: &mut Vec<u8>, mut n: u64) {
     while n >= 0x80 {
         out.push((n as u8) | 0x80);
@@ -492,6 +509,13 @@ mod tests {
 
     #[test]
     fn varints_round_trip_and_size() {
+        assert_eq!(varint_len(0), 1);
+        assert_eq!(varint_len(127), 1);
+        assert_eq!(varint_len(128), 2);
+        assert_eq!(varint_len(u64::MAX), MAX_VARINT);
+        let mut buf = [0u8; MAX_VARINT];
+        assert_eq!(write_varint(&mut buf, u64::MAX), MAX_VARINT);
+        assert_eq!(buf[MAX_VARINT - 1], 0x01);
         for n in [
             0u64,
             1,
@@ -506,6 +530,10 @@ mod tests {
             let mut out = Vec::new();
             put_varint(&mut out, n);
             assert_eq!(out.len(), varint_len(n), "{n}");
+            assert!(out.len() <= MAX_VARINT, "{n}");
+            let mut written = [0u8; MAX_VARINT];
+            let len = write_varint(&mut written, n);
+            assert_eq!(&written[..len], &out[..], "{n}");
             out.extend_from_slice(&[0; 16]);
             let mut r = Reader { buf: &out, pos: 0 };
             let mut got: u64 = 0;
