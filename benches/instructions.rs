@@ -47,11 +47,12 @@ enum Mode {
 
 impl Mode {
     /// The variants that need no Redis, timed when no variant is named.
-    const IN_PROCESS: [Self; 4] = [
+    const IN_PROCESS: [Self; 5] = [
         Self::Variant(Variant::Plain),
         Self::Null,
         Self::Variant(Variant::Memory),
         Self::MemoryReplay,
+        Self::Variant(Variant::BaselineMemory),
     ];
 
     fn parse(name: &str) -> Option<Self> {

@@ -1,6 +1,7 @@
 //! End-to-end throughput of the idempotency layer over loopback HTTP, measured against its
 //! ceiling (the same handler without the layer) and its floor (hand-written handlers doing the
-//! fewest Redis commands a first delivery or a replay can take, on the same connection type).
+//! fewest Redis commands a first delivery or a replay can take, on the same connection type,
+//! and the least an in-memory first delivery can do: one map, claim then store).
 //!
 //! Run with `cargo bench --bench throughput`. It spawns its own `redis-server` on a free port
 //! (never the one on 6379), starts one in-process axum server per variant on `127.0.0.1:0`, and
@@ -17,7 +18,7 @@
 //! | `BENCH_CONCURRENCY` | requests in flight (one keep-alive connection each) | 64 |
 //! | `BENCH_SERVER_THREADS` | worker threads of the servers' runtime (see below) | 1 |
 //! | `BENCH_BODY` | response body size in bytes | 100 |
-//! | `BENCH_VARIANTS` | comma-separated subset: plain, memory, redis-first, redis-replay, baseline-first, baseline-replay, baseline-fenced | all |
+//! | `BENCH_VARIANTS` | comma-separated subset: plain, memory, redis-first, redis-replay, baseline-first, baseline-replay, baseline-fenced, cached-replay, baseline-memory | all |
 //! | `BENCH_MEMORY` | `0` skips the memory-per-record measurement | 1 |
 //! | `REDIS_SERVER` | the `redis-server` binary | `redis-server` |
 //!
@@ -471,7 +472,12 @@ fn main() {
     // round and each group's order flips, so a change in the machine's load between two
     // measurements falls on both sides of a ratio alike.
     let groups: Vec<Vec<(Variant, SocketAddr)>> = [
-        &[Variant::Plain, Variant::Memory, Variant::CachedReplay][..],
+        &[
+            Variant::Plain,
+            Variant::Memory,
+            Variant::BaselineMemory,
+            Variant::CachedReplay,
+        ][..],
         &[
             Variant::RedisFirst,
             Variant::BaselineFirst,
@@ -564,6 +570,18 @@ fn print_table(totals: &BTreeMap<Variant, Totals>) {
             Variant::Memory,
             Variant::Plain,
             0.9,
+        ),
+        (
+            "2 / 5m  MemoryStore vs map by hand",
+            Variant::Memory,
+            Variant::BaselineMemory,
+            f64::NAN,
+        ),
+        (
+            "5m / 1  map by hand vs no layer",
+            Variant::BaselineMemory,
+            Variant::Plain,
+            f64::NAN,
         ),
         (
             "6 / 1   cached replay vs no layer",

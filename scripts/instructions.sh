@@ -21,8 +21,8 @@ export CARGO_PROFILE_BENCH_CODEGEN_UNITS=${CODEGEN_UNITS:-1}
 n=${N:-2000}
 variants=("$@")
 if [ ${#variants[@]} -eq 0 ]; then
-    variants=(plain null memory memory-replay cached-replay redis-first redis-replay
-              baseline-first baseline-replay baseline-fenced)
+    variants=(plain null memory memory-replay baseline-memory cached-replay redis-first
+              redis-replay baseline-first baseline-replay baseline-fenced)
 fi
 command -v valgrind >/dev/null || { echo "valgrind not found: apt-get install valgrind" >&2; exit 1; }
 

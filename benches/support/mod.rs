@@ -1,5 +1,5 @@
 //! What the benchmarks share: the handler, the variants' routers (the layer over each store,
-//! and the hand-written Redis baselines), and a `redis-server` of their own.
+//! and the hand-written baselines), and a `redis-server` of their own.
 
 #![allow(
     dead_code,
@@ -9,12 +9,14 @@
 
 pub mod null_store;
 
+use std::collections::HashMap;
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -59,10 +61,11 @@ pub enum Variant {
     BaselineReplay,
     BaselineFenced,
     CachedReplay,
+    BaselineMemory,
 }
 
 impl Variant {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Plain,
         Self::Memory,
         Self::RedisFirst,
@@ -71,6 +74,7 @@ impl Variant {
         Self::BaselineReplay,
         Self::BaselineFenced,
         Self::CachedReplay,
+        Self::BaselineMemory,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +87,7 @@ impl Variant {
             Self::BaselineReplay => "baseline-replay",
             Self::BaselineFenced => "baseline-fenced",
             Self::CachedReplay => "cached-replay",
+            Self::BaselineMemory => "baseline-memory",
         }
     }
 
@@ -96,6 +101,7 @@ impl Variant {
             Self::BaselineReplay => "5b GET (by hand)",
             Self::BaselineFenced => "5c SET NX GET + fenced SET (by hand)",
             Self::CachedReplay => "6  layer + RedisStore + LocalCache, replay",
+            Self::BaselineMemory => "5m map claim + store (by hand)",
         }
     }
 
@@ -108,7 +114,7 @@ impl Variant {
     }
 
     pub fn uses_redis(self) -> bool {
-        !matches!(self, Self::Plain | Self::Memory)
+        !matches!(self, Self::Plain | Self::Memory | Self::BaselineMemory)
     }
 }
 
@@ -159,6 +165,15 @@ async fn has_set_ifeq(conn: &mut ConnectionManager) -> bool {
     probe.is_ok()
 }
 
+/// Reads the request's body as the handler's `Bytes` extractor does. The hand-written handlers
+/// take the whole `Request` and read the key from it in place: axum's `HeaderMap` extractor
+/// would clone the header map, work the layer does not do.
+async fn read_body(request: Request) -> Result<Bytes, Response> {
+    Bytes::from_request(request, &())
+        .await
+        .map_err(IntoResponse::into_response)
+}
+
 fn redis_key(headers: &HeaderMap) -> Option<Vec<u8>> {
     let key = headers.get(KEY_HEADER)?.as_bytes();
     let mut out = Vec::with_capacity(5 + key.len());
@@ -168,10 +183,13 @@ fn redis_key(headers: &HeaderMap) -> Option<Vec<u8>> {
 }
 
 /// 5a: claim with `SET key v NX PX`, run the handler, store the response with `SET key resp PX`.
-async fn baseline_first(State(st): State<Baseline>, headers: HeaderMap, _body: Bytes) -> Response {
-    let Some(key) = redis_key(&headers) else {
+async fn baseline_first(State(st): State<Baseline>, request: Request) -> Response {
+    let Some(key) = redis_key(request.headers()) else {
         return StatusCode::BAD_REQUEST.into_response();
     };
+    if let Err(rejection) = read_body(request).await {
+        return rejection;
+    }
     first_delivery(&st, &key).await
 }
 
@@ -206,10 +224,13 @@ async fn first_delivery(st: &Baseline, key: &[u8]) -> Response {
 
 /// 5b: one `GET`; the stored response when it is there (the measured path), else a first
 /// delivery (only during warm-up).
-async fn baseline_replay(State(st): State<Baseline>, headers: HeaderMap, _body: Bytes) -> Response {
-    let Some(key) = redis_key(&headers) else {
+async fn baseline_replay(State(st): State<Baseline>, request: Request) -> Response {
+    let Some(key) = redis_key(request.headers()) else {
         return StatusCode::BAD_REQUEST.into_response();
     };
+    if let Err(rejection) = read_body(request).await {
+        return rejection;
+    }
     let mut conn = st.conn.clone();
     let stored: Result<Option<Vec<u8>>, _> =
         redis::cmd("GET").arg(&key).query_async(&mut conn).await;
@@ -238,10 +259,13 @@ static REPLACE: std::sync::LazyLock<redis::Script> =
 /// `SET key <record> IFEQ <running record> PX <ttl>` on Redis 8.4 and later, else the
 /// `EVALSHA` of its script. Against 5a it prices the fenced commands; against 3 it prices
 /// everything else the layer does.
-async fn baseline_fenced(State(st): State<Baseline>, headers: HeaderMap, _body: Bytes) -> Response {
-    let Some(key) = redis_key(&headers) else {
+async fn baseline_fenced(State(st): State<Baseline>, request: Request) -> Response {
+    let Some(key) = redis_key(request.headers()) else {
         return StatusCode::BAD_REQUEST.into_response();
     };
+    if let Err(rejection) = read_body(request).await {
+        return rejection;
+    }
     let mut conn = st.conn.clone();
     let mut running = [0u8; 58];
     running[..2].copy_from_slice(&[1, b'R']);
@@ -299,6 +323,53 @@ async fn baseline_fenced(State(st): State<Baseline>, headers: HeaderMap, _body: 
     }
 }
 
+/// State of the hand-written in-memory baseline (5m).
+#[derive(Clone)]
+struct MemoryBaseline {
+    map: Arc<Mutex<ByKey>>,
+    response: Bytes,
+}
+
+type ByKey = HashMap<Box<[u8]>, Stored, foldhash::fast::RandomState>;
+
+/// An entry of 5m's map: claimed (with its lease's end) or answered (with its expiry).
+enum Stored {
+    Running(Instant),
+    Done(Bytes, Instant),
+}
+
+/// 5m: the least an in-process first delivery does, by hand, as 5a is for Redis: one map
+/// under one lock; claim the key if it is absent (a 409 while it runs, the stored body once
+/// answered), run the handler, store its body under the key with an expiry. No fingerprint, no
+/// scope, no key check beyond its presence, nothing swept; the stored body shares the
+/// response's bytes.
+async fn baseline_memory(State(st): State<MemoryBaseline>, request: Request) -> Response {
+    let Some(key) = request.headers().get(KEY_HEADER).cloned() else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    if let Err(rejection) = read_body(request).await {
+        return rejection;
+    }
+    let key = key.as_bytes();
+    {
+        let mut map = st.map.lock().expect("not poisoned");
+        match map.get(key) {
+            Some(Stored::Running(_)) => return StatusCode::CONFLICT.into_response(),
+            Some(Stored::Done(body, _)) => return respond(StatusCode::CREATED, body.clone()),
+            None => {
+                let lease = Instant::now() + Duration::from_millis(LEASE_MS);
+                map.insert(key.into(), Stored::Running(lease));
+            }
+        }
+    }
+    let response = st.response.clone();
+    let expires = Instant::now() + Duration::from_millis(RECORD_TTL_MS);
+    if let Some(entry) = st.map.lock().expect("not poisoned").get_mut(key) {
+        *entry = Stored::Done(response.clone(), expires);
+    }
+    respond(StatusCode::CREATED, response)
+}
+
 async fn connection_manager(url: &str) -> ConnectionManager {
     redis::Client::open(url)
         .expect("valid redis url")
@@ -330,6 +401,12 @@ pub async fn router_for(variant: Variant, url: &str, response: Bytes) -> Router 
             let cache = tower_idempotency::LocalCache::new(10_000, 64 << 20);
             handler_router(response).route_layer(IdempotencyLayer::new(store).local_cache(cache))
         }
+        Variant::BaselineMemory => Router::new()
+            .route("/pay", post(baseline_memory))
+            .with_state(MemoryBaseline {
+                map: Arc::default(),
+                response,
+            }),
         Variant::BaselineFirst | Variant::BaselineReplay | Variant::BaselineFenced => {
             let mut conn = connection_manager(url).await;
             let native_fence = has_set_ifeq(&mut conn).await;
