@@ -22,21 +22,34 @@ impl IdempotencyKey {
     /// Parses one header value: a bare key, or an RFC 8941 sf-string (`"..."`, with `\"` and
     /// `\\` escapes) that is unquoted before use. Parameters after a quoted key are rejected.
     pub fn parse(value: &[u8]) -> Result<Self, KeyError> {
-        let unquoted: std::borrow::Cow<'_, [u8]> = match value.first() {
-            Some(b'"') => unquote_sf_string(value)?.into(),
+        match value.first() {
+            Some(b'"') => {
+                let unquoted = unquote_sf_string(value)?;
+                validate(&unquoted)?;
+                Self::from_visible_ascii(&unquoted)
+            }
             Some(_) => {
-                if value.contains(&b'"') {
+                // A bare key: one pass over it finds both a stray quote and an invisible byte.
+                let (quote, invisible) = scan(value);
+                if quote {
                     return Err(KeyError::InvalidCharacter);
                 }
-                value.into()
+                if value.len() > MAX_KEY_LEN {
+                    return Err(KeyError::TooLong);
+                }
+                if invisible {
+                    return Err(KeyError::InvalidCharacter);
+                }
+                Self::from_visible_ascii(value)
             }
-            None => return Err(KeyError::Empty),
-        };
-        validate(&unquoted)?;
-        // `validate` only lets visible ASCII through, so this is valid UTF-8.
-        let text =
-            String::from_utf8(unquoted.into_owned()).map_err(|_| KeyError::InvalidCharacter)?;
-        Ok(Self(text.into_boxed_str()))
+            None => Err(KeyError::Empty),
+        }
+    }
+
+    /// The key from bytes already checked to be visible ASCII (so valid UTF-8).
+    fn from_visible_ascii(key: &[u8]) -> Result<Self, KeyError> {
+        let text = std::str::from_utf8(key).map_err(|_| KeyError::InvalidCharacter)?;
+        Ok(Self(text.into()))
     }
 
     /// The key as it was sent (unquoted).
@@ -64,10 +77,21 @@ fn validate(key: &[u8]) -> Result<(), KeyError> {
     if key.len() > MAX_KEY_LEN {
         return Err(KeyError::TooLong);
     }
-    if !key.iter().all(|b| (0x21..=0x7e).contains(b)) {
+    if scan(key).1 {
         return Err(KeyError::InvalidCharacter);
     }
     Ok(())
+}
+
+/// Whether `bytes` hold a `"`, and whether any byte is outside visible ASCII (`0x21..=0x7E`).
+/// Written without an early exit, so the compiler checks many bytes per instruction.
+fn scan(bytes: &[u8]) -> (bool, bool) {
+    let (mut quote, mut invisible) = (false, false);
+    for &b in bytes {
+        quote |= b == b'"';
+        invisible |= !(0x21..=0x7e).contains(&b);
+    }
+    (quote, invisible)
 }
 
 /// Unquotes an RFC 8941 sf-string. Anything after the closing quote (parameters, a list) is an
@@ -210,6 +234,47 @@ mod tests {
                 (Ok(want), Ok(key)) => assert_eq!(key.as_str(), *want, "input {input:?}"),
                 (Err(want), Err(err)) => assert_eq!(err, *want, "input {input:?}"),
                 (want, got) => panic!("input {input:?}: expected {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_byte_at_every_position_of_a_long_key() {
+        // Keys long enough that the scan takes many bytes per step (and has a tail), with each
+        // byte value tried at each position, bare and quoted.
+        for len in [1, 17, 36, 64, 255] {
+            for pos in 0..len {
+                for b in 0..=u8::MAX {
+                    let mut key = vec![b'k'; len];
+                    key[pos] = b;
+                    let visible = (0x21..=0x7e).contains(&b);
+                    let bare = IdempotencyKey::parse(&key);
+                    let want_bare = if b == b'"' && pos == 0 {
+                        // A leading `"` opens a quoted string, which never closes here.
+                        Err(KeyError::Unterminated)
+                    } else if visible && b != b'"' {
+                        Ok(())
+                    } else {
+                        Err(KeyError::InvalidCharacter)
+                    };
+                    assert_eq!(
+                        bare.map(|_| ()),
+                        want_bare,
+                        "bare, len {len}, byte {b} at {pos}"
+                    );
+                    if b != b'"' && b != b'\\' {
+                        let mut quoted = vec![b'"'];
+                        quoted.extend_from_slice(&key);
+                        quoted.push(b'"');
+                        let want = if visible {
+                            Ok(())
+                        } else {
+                            Err(KeyError::InvalidCharacter)
+                        };
+                        let got = IdempotencyKey::parse(&quoted).map(|_| ());
+                        assert_eq!(got, want, "quoted, len {len}, byte {b} at {pos}");
+                    }
+                }
             }
         }
     }
