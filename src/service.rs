@@ -851,6 +851,8 @@ where
     async move {
         let debug_started = debug_clock();
         let outcome = {
+            // Moved into this block, so its box is freed once the handler is done, before the
+            // response is stored.
             let mut handler = handler;
             // The renewal starts once the handler has not answered at once, boxed: a handler
             // that answers at once arms no timer, and the renewal's state takes no room here.
