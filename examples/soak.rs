@@ -20,6 +20,7 @@
 //! | `SOAK_RECORD_TTL_MS` | record lifetime (and so the steady-state size) | `5000` |
 //! | `SOAK_MAX_RSS_GROWTH_MB` | allowed growth of the resident set after warm-up | `16` |
 //! | `REDIS_URL` | Redis to use; unset: a `redis-server` on a free port is spawned and killed | unset |
+//! | `REDIS_SERVER` | the binary spawned when `REDIS_URL` is unset, e.g. `valkey-server` | `redis-server` |
 //!
 //! Prints one line per sample and a summary, and exits with status 1 if a check fails.
 
@@ -96,14 +97,17 @@ fn spawn_redis() -> (String, OwnRedis) {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port");
-    let child = Command::new("redis-server")
+    let binary = std::env::var_os("REDIS_SERVER")
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "redis-server".into());
+    let child = Command::new(&binary)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| {
-            eprintln!("soak: cannot start redis-server ({e}); install it or set REDIS_URL");
+            eprintln!("soak: cannot start {binary:?} ({e}); install redis-server, or set REDIS_SERVER or REDIS_URL");
             std::process::exit(2)
         });
     let url = format!("redis://127.0.0.1:{port}/");

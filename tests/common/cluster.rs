@@ -157,7 +157,7 @@ impl RedisCluster {
         std::fs::create_dir_all(&node_dir)
             .map_err(|e| format!("create {}: {e}", node_dir.display()))?;
         let conf = self.dir.join(format!("nodes-{port}.conf"));
-        Command::new("redis-server")
+        Command::new(super::redis_server_binary())
             .args(["--port", &port.to_string()])
             .args(["--cluster-enabled", "yes"])
             .arg("--cluster-config-file")
@@ -224,7 +224,7 @@ impl RedisCluster {
         let out_path = self.dir.join("create.out");
         let out = std::fs::File::create(&out_path).map_err(|e| e.to_string())?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
-        let mut child = Command::new("redis-cli")
+        let mut child = Command::new(super::redis_cli_binary())
             .arg("--cluster")
             .arg("create")
             .args(self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
@@ -551,10 +551,10 @@ impl Drop for RedisCluster {
 /// Fails with a clear message if redis-server or redis-cli cannot be run.
 fn require_binaries() {
     for (binary, package) in [
-        ("redis-server", "redis-server"),
-        ("redis-cli", "redis-tools"),
+        (super::redis_server_binary(), "redis-server"),
+        (super::redis_cli_binary(), "redis-tools"),
     ] {
-        let ok = Command::new(binary)
+        let ok = Command::new(&binary)
             .arg("--version")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -563,10 +563,10 @@ fn require_binaries() {
         match ok {
             Ok(status) if status.success() => {}
             Ok(status) => {
-                panic!("`{binary} --version` failed ({status}); {HOW_TO_GET_REDIS_CLUSTER}")
+                panic!("`{binary:?} --version` failed ({status}); {HOW_TO_GET_REDIS_CLUSTER}")
             }
             Err(e) => {
-                panic!("cannot run {binary} ({e}; package {package}); {HOW_TO_GET_REDIS_CLUSTER}")
+                panic!("cannot run {binary:?} ({e}; package {package}); {HOW_TO_GET_REDIS_CLUSTER}")
             }
         }
     }

@@ -2,7 +2,9 @@
 //!
 //! `REDIS_URL`, when set, names a server to use (tests never flush it: every test uses a unique
 //! key prefix). Otherwise, and always for tests that must stop and restart the server, a
-//! `redis-server` is spawned on a free port and killed when the guard drops.
+//! `redis-server` is spawned on a free port and killed when the guard drops. `REDIS_SERVER`
+//! names another binary to spawn (a Redis 8.4 build, or `valkey-server`; see
+//! `scripts/valkey.sh`), and `REDIS_CLI` another `redis-cli` for the cluster tests.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -17,7 +19,25 @@ use std::time::{Duration, Instant};
 
 const HOW_TO_GET_REDIS: &str = "these tests need Redis: install redis-server \
     (`apt-get install redis-server`, `brew install redis`) so the tests can spawn it, \
+    set REDIS_SERVER=/path/to/redis-server (or valkey-server) to spawn another binary, \
     or set REDIS_URL=redis://host:port to a server they may write to";
+
+/// The server binary the tests spawn: `REDIS_SERVER` if set, else `redis-server` on `PATH`.
+pub fn redis_server_binary() -> std::ffi::OsString {
+    binary_from_env("REDIS_SERVER", "redis-server")
+}
+
+/// The client binary the cluster tests run: `REDIS_CLI` if set, else `redis-cli` on `PATH`.
+pub fn redis_cli_binary() -> std::ffi::OsString {
+    binary_from_env("REDIS_CLI", "redis-cli")
+}
+
+fn binary_from_env(var: &str, default: &str) -> std::ffi::OsString {
+    match std::env::var_os(var) {
+        Some(path) if !path.is_empty() => path,
+        _ => default.into(),
+    }
+}
 
 /// A `redis-server` process owned by a test.
 pub struct RedisServer {
@@ -71,7 +91,8 @@ impl RedisServer {
     /// Starts (or restarts) the server on its port.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "server already running");
-        let mut command = Command::new("redis-server");
+        let binary = redis_server_binary();
+        let mut command = Command::new(&binary);
         command
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
@@ -89,7 +110,7 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("could not start redis-server ({e}); {HOW_TO_GET_REDIS}"));
+            .unwrap_or_else(|e| panic!("could not start {binary:?} ({e}); {HOW_TO_GET_REDIS}"));
         self.child = Some(child);
         wait_until_up(&self.url());
     }
