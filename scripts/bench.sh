@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Runs the benchmarks described in BENCHMARKS.md.
 #
-#   scripts/bench.sh          the throughput benchmark (about two minutes after the build)
-#   scripts/bench.sh --all    then the micro-benchmarks and the in-process layer benchmark
+#   scripts/bench.sh            the throughput benchmark (about two minutes after the build)
+#   scripts/bench.sh --valkey   the same against Valkey 8.1 (native SET .. IFEQ fencing; see
+#                               scripts/valkey.sh), for hosts whose Redis is older than 8.4
+#   scripts/bench.sh --all      the throughput benchmark, then the micro-benchmarks and the
+#                               in-process layer benchmark
 #
 # Settings are read from the environment (BENCH_ROUNDS, BENCH_SECS, BENCH_CONCURRENCY, ...);
 # see the top of benches/throughput.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--valkey" ]; then
+    REDIS_SERVER="$(scripts/valkey.sh)"
+    export REDIS_SERVER
+fi
 
 if ! command -v "${REDIS_SERVER:-redis-server}" >/dev/null 2>&1; then
     echo "redis-server not found: install it (apt-get install redis-server) or set REDIS_SERVER" >&2

