@@ -582,6 +582,45 @@ mod tests {
         assert!(CompletedRecord::decode(Bytes::from(bytes)).is_err());
     }
 
+    #[test]
+    fn stored_header_values_are_checked_as_header_values() {
+        let encoded = sample().encode();
+        let at = encoded
+            .windows(3)
+            .position(|w| w == b"one")
+            .expect("the sample's value is in the record");
+        for (byte, valid) in [
+            (b'\n', false),
+            (b'\r', false),
+            (0u8, false),
+            (0x7f, false),
+            (b'\t', true),
+            (b' ', true),
+            (0x80, true),
+            (0xff, true),
+        ] {
+            let mut bytes = encoded.clone();
+            bytes[at + 1] = byte;
+            let decoded = CompletedRecord::decode(Bytes::from(bytes));
+            if valid {
+                let record = decoded.unwrap_or_else(|e| panic!("byte {byte:#x}: {e}"));
+                let values: Vec<&[u8]> = record
+                    .headers
+                    .get_all("x-multi")
+                    .iter()
+                    .map(HeaderValue::as_bytes)
+                    .collect();
+                assert_eq!(values, [&[b'o', byte, b'e'][..], b"two"], "byte {byte:#x}");
+            } else {
+                assert_eq!(
+                    decoded.err(),
+                    Some(DecodeError("invalid header value")),
+                    "byte {byte:#x}"
+                );
+            }
+        }
+    }
+
     #[cfg(feature = "redis")]
     #[test]
     fn garbage_is_an_error() {
