@@ -37,24 +37,30 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Clone)]
 pub struct Idempotency<S, St> {
     inner: S,
-    store: St,
-    config: Arc<Config>,
+    shared: Arc<Shared<St>>,
+}
+
+/// The store and the settings, behind one reference count: a protected request takes one
+/// `Arc` clone for both, instead of cloning the store (`RedisStore` holds four) and the
+/// settings each.
+pub(crate) struct Shared<St> {
+    pub(crate) store: St,
+    pub(crate) config: Config,
 }
 
 impl<S, St> std::fmt::Debug for Idempotency<S, St> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Idempotency")
-            .field("config", &self.config)
+            .field("config", &self.shared.config)
             .finish_non_exhaustive()
     }
 }
 
 impl<S, St> Idempotency<S, St> {
-    pub(crate) fn new(inner: S, store: St, config: Arc<Config>) -> Self {
+    pub(crate) fn new(inner: S, store: St, config: Config) -> Self {
         Self {
             inner,
-            store,
-            config,
+            shared: Arc::new(Shared { store, config }),
         }
     }
 }
@@ -189,7 +195,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let config = &self.config;
+        let config = &self.shared.config;
         // A request passed through is handed to the service that was driven to readiness at
         // once: no clone.
         if config.skip_safe_methods && is_safe(req.method()) {
@@ -229,8 +235,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let ctx = Ctx {
-            store: self.store.clone(),
-            config: self.config.clone(),
+            shared: self.shared.clone(),
             scoped: ScopedKey::default(),
             route,
         };
@@ -273,7 +278,7 @@ impl<S, St> Idempotency<S, St> {
         span.in_scope(|| tracing::debug!(status = %rejection.status(), %rejection, "rejected"));
         ResponseFuture {
             kind: Kind::Ready {
-                response: Some(render(&self.config, &rejection)),
+                response: Some(render(&self.shared.config, &rejection)),
             },
         }
     }
@@ -352,8 +357,7 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// What the protected path needs besides the inner service, shared by the handler task and the
 /// lease renewal.
 struct Ctx<St> {
-    store: St,
-    config: Arc<Config>,
+    shared: Arc<Shared<St>>,
     /// The scoped key the store sees.
     scoped: ScopedKey,
     /// The route, for the warnings and errors the layer logs.
@@ -403,7 +407,7 @@ impl<St: IdempotencyStore> Ctx<St> {
         Timed {
             op,
             timer: None,
-            timeout: self.config.store_timeout,
+            timeout: self.shared.config.store_timeout,
             name,
             watch,
         }
@@ -414,11 +418,11 @@ impl<St: IdempotencyStore> Ctx<St> {
         lock: &'a Lock,
         watch: &'a mut Stopwatch,
     ) -> Timed<'a, impl Future<Output = Result<Claim, StoreError>> + 'a> {
-        let lease = self.config.lock_ttl;
+        let lease = self.shared.config.lock_ttl;
         self.timed(
             "claim",
             watch,
-            self.store.claim(self.scoped.as_str(), lock, lease),
+            self.shared.store.claim(self.scoped.as_str(), lock, lease),
         )
     }
 
@@ -433,11 +437,11 @@ impl<St: IdempotencyStore> Ctx<St> {
         first: Result<Claim, StoreError>,
         watch: &mut Stopwatch,
     ) -> Result<Claim, StoreError> {
-        let Ok(_permit) = self.config.waiters.try_acquire() else {
+        let Ok(_permit) = self.shared.config.waiters.try_acquire() else {
             tracing::debug!("too many requests waiting; not waiting");
             return first;
         };
-        let deadline = tokio::time::Instant::now() + self.config.wait_in_flight;
+        let deadline = tokio::time::Instant::now() + self.shared.config.wait_in_flight;
         let mut delay = Duration::from_millis(20);
         let mut claim = first;
         loop {
@@ -459,13 +463,13 @@ impl<St: IdempotencyStore> Ctx<St> {
     fn reject<B: From<Bytes>>(&self, rejection: Rejection) -> Response<B> {
         record_outcome(Outcome::Rejected);
         tracing::debug!(status = %rejection.status(), %rejection, "rejected");
-        render(&self.config, &rejection)
+        render(&self.shared.config, &rejection)
     }
 
     /// Renews the lease every third of its length. Never returns; stops renewing (and waits
     /// forever) once the lease is lost.
     async fn renew_forever(&self, lock: &Lock) {
-        let lease = self.config.lock_ttl;
+        let lease = self.shared.config.lock_ttl;
         let period = lease / 3;
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -476,7 +480,7 @@ impl<St: IdempotencyStore> Ctx<St> {
                 .timed(
                     "renew",
                     &mut watch,
-                    self.store.renew(self.scoped.as_str(), lock, lease),
+                    self.shared.store.renew(self.scoped.as_str(), lock, lease),
                 )
                 .await
             {
@@ -512,16 +516,16 @@ impl<St: IdempotencyStore> Ctx<St> {
         body: &Bytes,
         watch: &mut Stopwatch,
     ) {
-        let ttl = self.config.record_ttl;
+        let ttl = self.shared.config.record_ttl;
         // Built in a block of its own: a local moved into the record would otherwise keep its
         // room in this future across the store's `await`.
         let (mut record, lent) = {
-            let status_only = self.config.status_only;
-            let omitted = status_only || body.len() > self.config.max_response_body;
+            let status_only = self.shared.config.status_only;
+            let omitted = status_only || body.len() > self.shared.config.max_response_body;
             let (mut headers, lent) = if status_only {
                 (http::HeaderMap::new(), false)
             } else {
-                match storable_headers(&parts.headers, &self.config.excluded_headers) {
+                match storable_headers(&parts.headers, &self.shared.config.excluded_headers) {
                     Some(filtered) => (filtered, false),
                     // Its `Content-Length` is removed below; the client's response keeps it.
                     None if omitted => (parts.headers.clone(), false),
@@ -533,7 +537,7 @@ impl<St: IdempotencyStore> Ctx<St> {
                 tracing::warn!(
                     route = %self.route,
                     size = body.len(),
-                    limit = self.config.max_response_body,
+                    limit = self.shared.config.max_response_body,
                     "response larger than the limit: stored without its body"
                 );
             }
@@ -551,12 +555,14 @@ impl<St: IdempotencyStore> Ctx<St> {
             .timed(
                 "complete",
                 watch,
-                self.store
+                self.shared
+                    .store
                     .complete(self.scoped.as_str(), lock, &record, ttl),
             )
             .await;
         #[cfg(feature = "cache")]
         let cache = self
+            .shared
             .config
             .cache
             .as_ref()
@@ -599,7 +605,7 @@ impl<St: IdempotencyStore> Ctx<St> {
             .timed(
                 "release",
                 watch,
-                self.store.release(self.scoped.as_str(), lock),
+                self.shared.store.release(self.scoped.as_str(), lock),
             )
             .await
         {
@@ -683,7 +689,7 @@ where
     // instead of being kept both as arguments and as the locals they are moved into.
     async move {
         let started = debug_clock();
-        let limit = ctx.config.max_request_body;
+        let limit = ctx.shared.config.max_request_body;
         let body = match read_to_bytes(body, limit).await {
             Ok(body) => body,
             Err(ReadError::TooLarge) => return Ok(ctx.reject(too_large(limit))),
@@ -693,25 +699,25 @@ where
             }
         };
         let key = match key.map_or_else(
-            || ctx.config.key_source.extract(&parts, &body),
+            || ctx.shared.config.key_source.extract(&parts, &body),
             |k| Ok(Some(k)),
         ) {
             Ok(Some(key)) => key,
-            Ok(None) if !ctx.config.require_key => {
+            Ok(None) if !ctx.shared.config.require_key => {
                 // Boxed, as in fail-open below: rare paths, whose handler future would
                 // otherwise make every request's future larger.
                 let req = Request::from_parts(parts, ReqBody::from(body));
                 return Box::pin(inner.call(req)).await;
             }
-            Ok(None) => return Ok(ctx.reject(missing_key(&ctx.config))),
+            Ok(None) => return Ok(ctx.reject(missing_key(&ctx.shared.config))),
             Err(err) => return Ok(ctx.reject(invalid_key(err))),
         };
-        ctx.scoped = scoped_key(&parts, &ctx.route, &ctx.config, &key);
+        ctx.scoped = scoped_key(&parts, &ctx.route, &ctx.shared.config, &key);
         let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
         let lock = Lock::new(fingerprint);
 
         #[cfg(feature = "cache")]
-        if let Some(cache) = &ctx.config.cache {
+        if let Some(cache) = &ctx.shared.config.cache {
             match cache.get(ctx.scoped.as_str()) {
                 Some(record) => {
                     metrics::count(metrics::CACHE_HITS);
@@ -720,7 +726,7 @@ where
                         return Ok(replay(CompletedRecord::clone(&record)));
                     }
                     record_outcome(Outcome::Mismatch);
-                    return Ok(render(&ctx.config, &key_reused()));
+                    return Ok(render(&ctx.shared.config, &key_reused()));
                 }
                 None => metrics::count(metrics::CACHE_MISSES),
             }
@@ -734,7 +740,7 @@ where
             tracing::debug!(claim_ms = millis_since(started), "claimed");
         }
         if matches!(&claim, Ok(Claim::InFlight { fingerprint: holder, .. }) if *holder == fingerprint)
-            && !ctx.config.wait_in_flight.is_zero()
+            && !ctx.shared.config.wait_in_flight.is_zero()
         {
             // Boxed: waiting is rare, and its future would make every request's future larger.
             claim = Box::pin(ctx.wait_in_flight(&lock, claim, &mut watch)).await;
@@ -761,7 +767,7 @@ where
             Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {
                 record_outcome(Outcome::Replayed);
                 #[cfg(feature = "cache")]
-                if let Some(cache) = &ctx.config.cache {
+                if let Some(cache) = &ctx.shared.config.cache {
                     cache.insert(ctx.scoped.as_str(), record.clone());
                 }
                 Ok(replay(record))
@@ -775,11 +781,11 @@ where
                               retry after the time given in Retry-After";
                 let rejection =
                     Rejection::new(RejectionKind::InFlight, detail).with_retry_after(retry_after);
-                Ok(render(&ctx.config, &rejection))
+                Ok(render(&ctx.shared.config, &rejection))
             }
             Ok(Claim::Completed(_) | Claim::InFlight { .. }) => {
                 record_outcome(Outcome::Mismatch);
-                Ok(render(&ctx.config, &key_reused()))
+                Ok(render(&ctx.shared.config, &key_reused()))
             }
             Err(StoreError::Corrupt(err)) => {
                 tracing::error!(route = %ctx.route, error = %err, "unreadable idempotency record; handler not run");
@@ -787,9 +793,9 @@ where
                               the request was not processed";
                 let rejection = Rejection::new(RejectionKind::CorruptRecord, detail);
                 record_outcome(Outcome::StoreError);
-                Ok(render(&ctx.config, &rejection))
+                Ok(render(&ctx.shared.config, &rejection))
             }
-            Err(err) if ctx.config.fail_open => {
+            Err(err) if ctx.shared.config.fail_open => {
                 record_outcome(Outcome::FailOpen);
                 tracing::warn!(route = %ctx.route, error = %err, "idempotency store unavailable; running the handler unprotected (fail-open)");
                 parts.extensions.insert(key);
@@ -803,7 +809,7 @@ where
                               processed safely; it was not processed";
                 let rejection = Rejection::new(RejectionKind::StoreUnavailable, detail)
                     .with_retry_after(STORE_RETRY_AFTER);
-                Ok(render(&ctx.config, &rejection))
+                Ok(render(&ctx.shared.config, &rejection))
             }
         }
     }
@@ -893,7 +899,7 @@ where
                 Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
             }
             Ok(Ok((mut parts, Ok(body)))) => {
-                if (ctx.config.store_response)(&parts) {
+                if (ctx.shared.config.store_response)(&parts) {
                     ctx.complete(&lock, &mut parts, &body, &mut watch).await;
                 } else {
                     ctx.release(&lock, &mut watch).await;
