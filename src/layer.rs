@@ -343,6 +343,6 @@ impl<S, St: Clone> Layer<S> for IdempotencyLayer<St> {
     type Service = Idempotency<S, St>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency::new(inner, self.store.clone(), Config::clone(&self.config))
+        Idempotency::new(inner, self.store.clone(), self.config.clone())
     }
 }

@@ -42,10 +42,11 @@ pub struct Idempotency<S, St> {
 
 /// The store and the settings, behind one reference count: a protected request takes one
 /// `Arc` clone for both, instead of cloning the store (`RedisStore` holds four) and the
-/// settings each.
+/// settings each. The settings stay the layer's own `Arc`, so making a service clones no
+/// settings.
 pub(crate) struct Shared<St> {
     pub(crate) store: St,
-    pub(crate) config: Config,
+    pub(crate) config: Arc<Config>,
 }
 
 impl<S, St> std::fmt::Debug for Idempotency<S, St> {
@@ -57,7 +58,7 @@ impl<S, St> std::fmt::Debug for Idempotency<S, St> {
 }
 
 impl<S, St> Idempotency<S, St> {
-    pub(crate) fn new(inner: S, store: St, config: Config) -> Self {
+    pub(crate) fn new(inner: S, store: St, config: Arc<Config>) -> Self {
         Self {
             inner,
             shared: Arc::new(Shared { store, config }),
