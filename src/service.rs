@@ -44,9 +44,9 @@ pub struct Idempotency<S, St> {
 /// `Arc` clone for both, instead of cloning the store (`RedisStore` holds four) and the
 /// settings each. The settings stay the layer's own `Arc`, so making a service clones no
 /// settings.
-pub(crate) struct Shared<St> {
-    pub(crate) store: St,
-    pub(crate) config: Arc<Config>,
+struct Shared<St> {
+    store: St,
+    config: Arc<Config>,
 }
 
 impl<S, St> std::fmt::Debug for Idempotency<S, St> {
