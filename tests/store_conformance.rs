@@ -270,8 +270,9 @@ fn server_has_set_ifeq(info: &str) -> (bool, String) {
 }
 
 /// The store fences with the native `SET .. IFEQ` where the server has it and with the script
-/// elsewhere, deciding on its first renew or complete; stores fenced either way work on the same
-/// keys.
+/// elsewhere, deciding when it is made (`RedisStore::new` asks the server); a store made from a
+/// connection fences with the script until a probe sent in the background has found out;
+/// stores fenced either way work on the same keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_fencing_follows_the_server() {
     let redis = TestRedis::get();
@@ -283,21 +284,35 @@ async fn redis_fencing_follows_the_server() {
         .unwrap();
     let (native_expected, server) = server_has_set_ifeq(&info);
     let prefix = unique_prefix("fencing");
-    let auto = store_on(&redis, &prefix).await;
-    let script = store_on(&redis, &prefix).await.fence_with_script(true);
-    assert_eq!(auto.fencing(), Fencing::Undecided);
-    assert_eq!(script.fencing(), Fencing::Script);
-
-    let lock = Lock::new(fp(7));
-    expect_acquired(&auto, "first", &lock, LONG, "claim").await;
-    let record = rich_record(fp(7), b"fenced");
-    assert!(auto.complete("first", &lock, &record, LONG).await.unwrap());
     let want = if native_expected {
         Fencing::Native
     } else {
         Fencing::Script
     };
-    assert_eq!(auto.fencing(), want, "{server}");
+    let auto = store_on(&redis, &prefix).await;
+    let script = store_on(&redis, &prefix).await.fence_with_script(true);
+    assert_eq!(auto.fencing(), want, "decided when made; {server}");
+    assert_eq!(script.fencing(), Fencing::Script);
+    assert_eq!(script.detect_fencing().await.unwrap(), Fencing::Script);
+
+    // Made from a connection: undecided, fenced with the script, until the background probe
+    // that its first complete starts has answered.
+    let from_connection = RedisStore::from_connection(connection(&redis).await).key_prefix(&prefix);
+    assert_eq!(from_connection.fencing(), Fencing::Undecided);
+    let lock = Lock::new(fp(7));
+    expect_acquired(&from_connection, "first", &lock, LONG, "claim").await;
+    let record = rich_record(fp(7), b"fenced");
+    assert!(
+        from_connection
+            .complete("first", &lock, &record, LONG)
+            .await
+            .unwrap()
+    );
+    let probed = tokio::time::Instant::now() + Duration::from_secs(5);
+    while from_connection.fencing() == Fencing::Undecided && tokio::time::Instant::now() < probed {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(from_connection.fencing(), want, "after the probe; {server}");
     assert_eq!(script.fencing(), Fencing::Script, "{server}");
 
     for (name, first, second) in [

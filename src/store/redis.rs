@@ -63,10 +63,27 @@ pub const DEFAULT_KEY_PREFIX: &str = "idempotency:";
 /// remembers its deadline, see [`Lock::store_note`]); if that comparison fails, the store reads
 /// the value back and retries only when it is still this attempt's running record (a renewal
 /// whose reply was lost), so a lost reply never costs the key; that takes two more round trips.
-/// On older servers the first renew or complete is refused ("syntax error"; any `ERR`-coded
-/// refusal counts) and the store switches for good to `replace.lua`, which checks the owner
-/// token with `GETRANGE`; [`RedisStore::fencing`] tells which is in use.
-/// Release, which only runs when a handler failed, always uses its script.
+/// On older servers it is `replace.lua`, which checks the owner token with `GETRANGE`. Which one
+/// a server takes is asked once, when the store is made ([`RedisStore::detect_fencing`]);
+/// [`RedisStore::fencing`] tells which is in use. Release, which only runs when a handler
+/// failed, always uses its script.
+///
+/// # Resending
+///
+/// A command whose connection turns out to be gone (Redis closed it for being idle, a proxy or
+/// a failover reset it) is sent once more on the new connection, within the layer's store
+/// timeout. Each operation is safe to send twice, because the second copy recognises the first:
+///
+/// - a claim that finds this attempt's own running record is this attempt's claim;
+/// - a renew or complete that finds exactly the value it writes has applied;
+/// - a release that finds nothing to delete has nothing left to do.
+///
+/// # Refused writes
+///
+/// When Redis takes no writes (`OOM` under `maxmemory` with `noeviction`, `READONLY` on a
+/// replica after a failover), a claim reads the key instead: a completed record is still
+/// replayed and a running one still answered `409`; only a new key gets the error (`503`).
+/// This costs the extra `GET` only when the claim was refused.
 ///
 /// A first delivery therefore costs two round trips (claim, complete), a replay or a conflict one.
 ///
@@ -82,14 +99,21 @@ pub struct RedisStore<C = ConnectionManager> {
     prefix: Arc<str>,
     claim_script: Arc<AtomicBool>,
     fencing: Arc<AtomicU8>,
+    /// Whether a fencing probe has been started (see [`RedisStore::detect_fencing`]).
+    probing: Arc<AtomicBool>,
 }
+
+/// The key (after the prefix) that [`RedisStore::detect_fencing`] sends its probe to. Never
+/// written: the layer's keys are 32 hex digits.
+const FENCING_PROBE: &str = "fencing-probe";
 
 /// How a [`RedisStore`] fences renew and complete, so that an attempt that lost its lease
 /// cannot overwrite the entry of another ([`RedisStore::fencing`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Fencing {
-    /// Not decided yet: the first renew or complete tries the native command.
+    /// Not decided yet: renew and complete use the script until a probe has found out (see
+    /// [`RedisStore::detect_fencing`]).
     Undecided,
     /// Native compare-and-set, `SET key <value> IFEQ <running record> PX <ttl>` (Redis 8.4 and
     /// later): one command that costs Redis about what a plain `SET` does.
@@ -142,7 +166,9 @@ impl RedisStore<ConnectionManager> {
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(StoreError::backend)?;
-        Ok(Self::from_connection(conn))
+        let store = Self::from_connection(conn);
+        store.decide_fencing().await;
+        Ok(store)
     }
 }
 
@@ -162,7 +188,9 @@ impl RedisStore<redis::cluster_async::ClusterConnection> {
             .get_async_connection()
             .await
             .map_err(StoreError::backend)?;
-        Ok(Self::from_connection(conn))
+        let store = Self::from_connection(conn);
+        store.decide_fencing().await;
+        Ok(store)
     }
 }
 
@@ -177,6 +205,7 @@ where
             prefix: DEFAULT_KEY_PREFIX.into(),
             claim_script: Arc::new(AtomicBool::new(false)),
             fencing: Arc::new(AtomicU8::new(Fencing::Undecided as u8)),
+            probing: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -199,8 +228,8 @@ where
     }
 
     /// Fences renew and complete with `replace.lua` even where the server has `SET .. IFEQ`
-    /// (`true`), or lets the store decide from the server (`false`): it tries the native command
-    /// first and switches to the script for good the first time the server rejects it.
+    /// (`true`), or lets the store decide from the server (`false`, see
+    /// [`RedisStore::detect_fencing`]).
     ///
     /// Defaults to `false`.
     pub fn fence_with_script(self, enabled: bool) -> Self {
@@ -213,10 +242,38 @@ where
         self
     }
 
-    /// How renew and complete are fenced: decided by the first such operation unless set with
-    /// [`RedisStore::fence_with_script`].
+    /// How renew and complete are fenced: decided when the store is made with
+    /// [`RedisStore::new`] or `RedisStore::cluster`, by [`RedisStore::detect_fencing`], or
+    /// set with [`RedisStore::fence_with_script`]. A store made with
+    /// [`RedisStore::from_connection`] fences with the script until a probe, sent in the
+    /// background on its first renew or complete, has found out.
     pub fn fencing(&self) -> Fencing {
         Fencing::from_u8(self.fencing.load(Ordering::Relaxed))
+    }
+
+    /// Asks the server whether it has the native compare-and-set (`SET .. IFEQ`, Redis 8.4 and
+    /// later, Valkey 8.1 and later) and fences with it from then on, or with the script if not.
+    /// One round trip that writes nothing: a `SET .. IFEQ` of a key no entry uses.
+    ///
+    /// [`RedisStore::new`] and `RedisStore::cluster` call it; call it yourself after
+    /// [`RedisStore::from_connection`] to decide before the first request. Leaves a store set
+    /// with [`fence_with_script(true)`](RedisStore::fence_with_script) as it is.
+    pub async fn detect_fencing(&self) -> Result<Fencing, StoreError> {
+        if self.fencing() == Fencing::Script {
+            return Ok(Fencing::Script);
+        }
+        let probe = self.key(FENCING_PROBE);
+        let mut cmd = command("SET", 7, probe.len());
+        cmd.arg(probe).arg("").arg("IFEQ").arg("").arg("PX").arg(1);
+        let mode = match self.query::<redis::Value>(&cmd).await {
+            Ok(_) => Fencing::Native,
+            Err(err) if is_refusal(&err) => Fencing::Script,
+            Err(err) => return Err(StoreError::backend(err)),
+        };
+        if self.set_fencing(mode) {
+            tracing::debug!(fencing = ?mode, "fencing mode decided");
+        }
+        Ok(mode)
     }
 
     /// The Redis key holding the entry for the layer's scoped `key`.
@@ -234,8 +291,18 @@ where
         }
     }
 
+    /// Sends `cmd`; if its connection turns out to be gone (Redis closed it for being idle, a
+    /// proxy or a failover reset it), sends it once more on the connection the manager makes in
+    /// its place. Every command this store sends is safe to send twice (see "Resending" above).
     async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RedisError> {
-        cmd.query_async(&mut self.conn.clone()).await
+        let mut conn = self.conn.clone();
+        match cmd.query_async(&mut conn).await {
+            Err(err) if err.is_connection_dropped() || err.is_unrecoverable_error() => {
+                tracing::debug!(error = %err, "Redis connection lost; sending the command again");
+                cmd.query_async(&mut conn).await
+            }
+            other => other,
+        }
     }
 
     /// Runs a script by its hash, sending its source once if the server does not have it.
@@ -283,7 +350,7 @@ where
                 // switches to the script (see `replace`).
                 Err(err) if is_refusal(&err) => {
                     if !self.claim_script.swap(true, Ordering::Relaxed) {
-                        tracing::info!(
+                        tracing::debug!(
                             error = %err,
                             "Redis refused SET .. NX GET (a server older than 7.0?); \
                              claiming with a script from now on"
@@ -311,22 +378,25 @@ where
         value: &[u8],
         ttl_ms: u64,
     ) -> Result<bool, RedisError> {
-        if self.fencing() != Fencing::Script {
-            match self.replace_native(key, lock, value, ttl_ms).await {
-                // Redis < 8.4 answers "ERR syntax error"; a proxy or another server may word its
-                // refusal differently. Any ERR-coded refusal switches to the script: needlessly,
-                // that costs only speed, while missing one would fail every complete.
+        match self.fencing() {
+            Fencing::Native => match self.replace_native(key, lock, value, ttl_ms).await {
+                // The server stopped accepting `SET .. IFEQ` (a failover to an older server, a
+                // proxy): any ERR-coded refusal switches to the script, which every server runs.
                 Err(err) if is_refusal(&err) => {
                     if self.set_fencing(Fencing::Script) {
-                        tracing::info!(
+                        tracing::warn!(
                             error = %err,
-                            "Redis refused SET .. IFEQ (a server older than 8.4?); \
+                            "Redis refused SET .. IFEQ, which it accepted before; \
                              fencing with a script from now on"
                         );
                     }
                 }
                 other => return other,
-            }
+            },
+            // Not known yet (a store made with `from_connection`): the script, which every server
+            // runs, while one probe finds out in the background, never under a request's timeout.
+            Fencing::Undecided => self.probe_fencing_in_background(),
+            Fencing::Script => {}
         }
         let prefix = RunningRecord::owner_prefix(lock.owner());
         let ttl = ttl_ms.to_string();
@@ -335,10 +405,10 @@ where
     }
 
     /// `SET key <value> IFEQ <running record> PX <ttl>`, the running record being the one this
-    /// lock last wrote (its deadline is the lock's store note). If the value there differs (a
-    /// renewal whose reply was lost wrote a later deadline, or the lease lapsed), the record is
-    /// read back: when it is still this lock's running record the write is retried on that exact
-    /// value, otherwise the lock has lost the key.
+    /// lock last wrote (its deadline is the lock's store note). If the value there differs, it
+    /// is read back: still this lock's running record (a renewal whose reply was lost wrote a
+    /// later deadline), the write is tried again on that exact value; `value` itself (this write,
+    /// sent again after its reply was lost), it applied; anything else, the lock lost the key.
     async fn replace_native(
         &self,
         key: Key<'_>,
@@ -357,6 +427,7 @@ where
                     let current: Option<Vec<u8>> =
                         self.query(command("GET", 2, key.len()).arg(key)).await?;
                     match current {
+                        Some(v) if v == value => return Ok(true),
                         Some(v) if is_running_record_of(&v, lock) => v,
                         _ => return Ok(false),
                     }
@@ -370,12 +441,36 @@ where
                 .arg("PX")
                 .arg(ttl_ms);
             let reply: redis::Value = self.query(&cmd).await?;
-            self.set_fencing(Fencing::Native);
             if !matches!(reply, redis::Value::Nil) {
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// [`RedisStore::detect_fencing`] for a store being made: a server that cannot answer now
+    /// (a read-only replica, a full one) leaves the store undecided, to ask again later.
+    async fn decide_fencing(&self) {
+        if let Err(err) = self.detect_fencing().await {
+            tracing::debug!(error = %err, "could not ask Redis about SET .. IFEQ; will ask again");
+        }
+    }
+
+    /// Starts [`RedisStore::detect_fencing`] in a task of its own, once per store.
+    fn probe_fencing_in_background(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.probing.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let store = self.clone();
+        runtime.spawn(async move {
+            if let Err(err) = store.detect_fencing().await {
+                tracing::debug!(error = %err, "could not ask Redis about SET .. IFEQ; will ask again");
+                store.probing.store(false, Ordering::Relaxed);
+            }
+        });
     }
 
     /// Records the fencing mode; returns whether it changed. Written only on a change, so the
@@ -425,6 +520,12 @@ fn is_refusal(err: &RedisError) -> bool {
     err.code() == Some("ERR")
 }
 
+/// Whether the server refused a write because it takes none now: out of memory under
+/// `maxmemory` with `noeviction`, or a read-only replica.
+fn refuses_writes(err: &RedisError) -> bool {
+    matches!(err.code(), Some("OOM" | "READONLY"))
+}
+
 /// Whether `value` is a running record written for `lock`.
 fn is_running_record_of(value: &[u8], lock: &Lock) -> bool {
     value.len() == RunningRecord::LEN
@@ -462,15 +563,32 @@ where
     async fn claim(&self, key: &str, lock: &Lock, lease: Duration) -> Result<Claim, StoreError> {
         let key = self.key(key);
         let (running, deadline_ms) = running_record(lock, lease);
-        let existing = self
-            .claim_value(key, &running, millis(lease))
-            .await
-            .map_err(StoreError::backend)?;
+        let existing = match self.claim_value(key, &running, millis(lease)).await {
+            Ok(existing) => existing,
+            // Redis refuses writes (`OOM` under `maxmemory` with `noeviction`, `READONLY` on a
+            // replica): what is there may still be answered. Nothing there, the refusal stands.
+            Err(err) if refuses_writes(&err) => {
+                let current: Option<Bytes> = self
+                    .query(command("GET", 2, key.len()).arg(key))
+                    .await
+                    .map_err(StoreError::backend)?;
+                match current {
+                    Some(current) => Some(current),
+                    None => return Err(StoreError::backend(err)),
+                }
+            }
+            Err(err) => return Err(StoreError::backend(err)),
+        };
         let Some(existing) = existing else {
             lock.set_store_note(deadline_ms);
             return Ok(Claim::Acquired);
         };
         match Stored::decode(existing)? {
+            // This claim, sent again after its reply was lost: it applied the first time.
+            Stored::Running(r) if r.owner == *lock.owner() => {
+                lock.set_store_note(r.deadline_ms);
+                Ok(Claim::Acquired)
+            }
             Stored::Running(r) => Ok(Claim::InFlight {
                 fingerprint: r.fingerprint,
                 retry_after: Duration::from_millis(r.deadline_ms.saturating_sub(unix_ms())),

@@ -197,8 +197,10 @@ pub async fn claim_absent_then_in_flight<S: IdempotencyStore>(store: S) {
     assert!(store.renew(key, &a, LONG).await.unwrap(), "owner renews");
     let record = plain_record(fp(1), StatusCode::OK, b"done");
     assert!(store.complete(key, &a, &record, LONG).await.unwrap());
-    assert!(!store.complete(key, &same, &record, LONG).await.unwrap());
-    assert!(!store.complete(key, &other, &record, LONG).await.unwrap());
+    // Another attempt's response is not stored over it.
+    let theirs = plain_record(fp(1), StatusCode::OK, b"theirs");
+    assert!(!store.complete(key, &same, &theirs, LONG).await.unwrap());
+    assert!(!store.complete(key, &other, &theirs, LONG).await.unwrap());
 }
 
 /// 2. A completed record is replayed exactly as stored.
