@@ -396,13 +396,12 @@ async fn main() -> ExitCode {
         work: config.work,
     });
 
-    let router = match &config.redis_url {
+    let (router, detached) = match &config.redis_url {
         None => {
             tracing::info!("idempotency records kept in memory (set REDIS_URL to share them)");
-            app(
-                state,
-                configure(IdempotencyLayer::new(MemoryStore::new()), &config),
-            )
+            let layer = configure(IdempotencyLayer::new(MemoryStore::new()), &config);
+            let detached = layer.detached_work();
+            (app(state, layer), detached)
         }
         Some(url) => {
             let client = match redis::Client::open(url.as_str()) {
@@ -422,7 +421,9 @@ async fn main() -> ExitCode {
                 }
             };
             tracing::info!("idempotency records kept in Redis");
-            app(state, configure(IdempotencyLayer::new(store), &config))
+            let layer = configure(IdempotencyLayer::new(store), &config);
+            let detached = layer.detached_work();
+            (app(state, layer), detached)
         }
     };
 
@@ -453,8 +454,23 @@ async fn main() -> ExitCode {
         eprintln!("inventory: server error: {err}");
         return ExitCode::FAILURE;
     }
+    // The server waited for the requests still connected. A handler whose client left is not
+    // one of them: wait for it (and for claims being released) before exiting, so that it is not
+    // cut off halfway and its response is stored.
+    if !detached.is_empty() {
+        tracing::info!(running = detached.len(), "waiting for detached requests");
+    }
+    if !detached.wait_for(SHUTDOWN_GRACE).await {
+        tracing::warn!(
+            running = detached.len(),
+            "exiting with detached requests still running"
+        );
+    }
     ExitCode::SUCCESS
 }
+
+/// How long shutdown waits for requests whose client left.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 fn configure<St>(layer: IdempotencyLayer<St>, config: &Config) -> IdempotencyLayer<St> {
     layer.record_ttl(config.key_ttl).lock_ttl(config.lock_ttl)

@@ -633,16 +633,19 @@ async fn main() -> ExitCode {
     };
 
     let state = Arc::new(AppState::default());
-    let router = match config.redis_url.as_deref() {
+    let (router, detached) = match config.redis_url.as_deref() {
         None => {
             tracing::info!("idempotency records kept in memory (set REDIS_URL to share them)");
             let layer = IdempotencyLayer::standard_webhooks(MemoryStore::new());
-            app(verifier, layer, state)
+            let detached = layer.detached_work();
+            (app(verifier, layer, state), detached)
         }
         Some(url) => match redis_store(url).await {
             Ok(store) => {
                 tracing::info!("idempotency records kept in Redis");
-                app(verifier, IdempotencyLayer::standard_webhooks(store), state)
+                let layer = IdempotencyLayer::standard_webhooks(store);
+                let detached = layer.detached_work();
+                (app(verifier, layer, state), detached)
             }
             Err(code) => return code,
         },
@@ -671,6 +674,14 @@ async fn main() -> ExitCode {
     {
         eprintln!("webhook_signature: server error: {err}");
         return ExitCode::FAILURE;
+    }
+    // Deliveries whose sender hung up are not connections the server waits for: wait for them
+    // too, so that none is cut off halfway.
+    if !detached.wait_for(Duration::from_secs(30)).await {
+        tracing::warn!(
+            running = detached.len(),
+            "exiting with detached deliveries still running"
+        );
     }
     ExitCode::SUCCESS
 }

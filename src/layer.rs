@@ -9,6 +9,7 @@ use http::{HeaderName, Response, StatusCode, header, request, response};
 use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
+use crate::detached::DetachedWork;
 use crate::rejection::Rejection;
 use crate::service::Idempotency;
 use crate::source::KeySource;
@@ -43,6 +44,7 @@ pub(crate) struct Config {
     pub(crate) wait_in_flight: Duration,
     pub(crate) status_only: bool,
     pub(crate) waiters: Arc<Semaphore>,
+    pub(crate) detached: DetachedWork,
     #[cfg(feature = "cache")]
     pub(crate) cache: Option<crate::cache::LocalCache>,
 }
@@ -69,6 +71,7 @@ impl Default for Config {
             #[cfg(feature = "cache")]
             cache: None,
             waiters: Arc::new(Semaphore::new(DEFAULT_MAX_WAITERS)),
+            detached: DetachedWork::default(),
         }
     }
 }
@@ -133,6 +136,13 @@ impl<St> IdempotencyLayer<St> {
     /// The store.
     pub fn store(&self) -> &St {
         &self.store
+    }
+
+    /// The work this layer (and every clone of it) leaves running on its own: handlers whose
+    /// client went away, and claims released in the background. Wait for it on shutdown; see
+    /// [`DetachedWork`].
+    pub fn detached_work(&self) -> DetachedWork {
+        self.config.detached.clone()
     }
 
     /// Sets the headers the key is read from, in order. A request carrying several of them with

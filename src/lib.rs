@@ -135,6 +135,7 @@
 mod body;
 #[cfg(feature = "cache")]
 mod cache;
+mod detached;
 #[cfg(feature = "axum")]
 mod extract;
 mod fingerprint;
@@ -150,6 +151,7 @@ pub mod store;
 
 #[cfg(feature = "cache")]
 pub use cache::LocalCache;
+pub use detached::DetachedWork;
 #[cfg(feature = "axum")]
 pub use extract::MissingKeyExtension;
 pub use fingerprint::Fingerprint;

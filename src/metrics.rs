@@ -8,6 +8,8 @@
 //! | `idempotency_handler_duration_seconds` | histogram | |
 //! | `idempotency_lease_renewals_total` | counter | |
 //! | `idempotency_leases_lost_total` | counter | |
+//! | `idempotency_complete_retries_total` | counter | |
+//! | `idempotency_background_releases_total` | counter | |
 //! | `idempotency_cache_hits_total` | counter | |
 //! | `idempotency_cache_misses_total` | counter | |
 //!
@@ -114,6 +116,8 @@ pub(crate) fn count(_: &'static str) {}
 
 pub(crate) const RENEWALS: &str = "idempotency_lease_renewals_total";
 pub(crate) const LEASES_LOST: &str = "idempotency_leases_lost_total";
+pub(crate) const COMPLETE_RETRIES: &str = "idempotency_complete_retries_total";
+pub(crate) const BACKGROUND_RELEASES: &str = "idempotency_background_releases_total";
 #[cfg(feature = "cache")]
 pub(crate) const CACHE_HITS: &str = "idempotency_cache_hits_total";
 #[cfg(feature = "cache")]

@@ -15,6 +15,7 @@ use tower_service::Service;
 use tracing::{Instrument, Span};
 
 use crate::body::{ReadError, read_to_bytes};
+use crate::detached::DetachedWork;
 use crate::fingerprint::{Fingerprint, digest_fields};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::Config;
@@ -393,6 +394,19 @@ impl RouteName {
             Self::Path(uri) => uri.path(),
         }
     }
+
+    /// Whether `status` is a router's answer rather than the handler's result, which must not
+    /// consume the key: `405` (axum's method router answers it for a method the route lacks,
+    /// inside `Router::route_layer`), and with axum, `404` for a request no route matched (the
+    /// router's fallback, inside `Router::layer`).
+    fn answered_by_router(&self, status: http::StatusCode) -> bool {
+        match self {
+            _ if status == http::StatusCode::METHOD_NOT_ALLOWED => true,
+            #[cfg(feature = "axum")]
+            Self::Path(_) => status == http::StatusCode::NOT_FOUND,
+            _ => false,
+        }
+    }
 }
 
 impl std::fmt::Display for RouteName {
@@ -414,17 +428,92 @@ impl<St: IdempotencyStore> Ctx<St> {
         }
     }
 
-    fn claim<'a>(
-        &'a self,
-        lock: &'a Lock,
-        watch: &'a mut Stopwatch,
-    ) -> Timed<'a, impl Future<Output = Result<Claim, StoreError>> + 'a> {
+    /// Claims the key for `lock`. A claim whose outcome is unknown (the store failed or timed
+    /// out, or this future was dropped while the claim was on the wire) may still have been
+    /// applied: it is released in the background, so the key is not left claimed by an attempt
+    /// that gave up.
+    async fn claim(&self, lock: &Lock, watch: &mut Stopwatch) -> Result<Claim, StoreError> {
+        let mut unknown = ReleaseOnDrop {
+            ctx: self,
+            lock,
+            armed: true,
+        };
         let lease = self.shared.config.lock_ttl;
-        self.timed(
-            "claim",
-            watch,
-            self.shared.store.claim(self.scoped.as_str(), lock, lease),
-        )
+        let claim = self
+            .timed(
+                "claim",
+                watch,
+                self.shared.store.claim(self.scoped.as_str(), lock, lease),
+            )
+            .await;
+        unknown.armed = matches!(claim, Err(StoreError::Backend(_) | StoreError::Timeout));
+        claim
+    }
+
+    /// Releases `lock`'s claim in a task of its own (tracked in the layer's
+    /// [`DetachedWork`](crate::DetachedWork)), trying again until the store answers or the lease
+    /// would have lapsed anyway.
+    fn release_in_background(&self, lock: Lock) {
+        let shared = self.shared.clone();
+        let scoped = self.scoped;
+        let route = self.route.clone();
+        let started = self.shared.config.detached.spawn_release(async move {
+            let ctx = Ctx {
+                shared,
+                scoped,
+                route,
+            };
+            let lease = ctx.shared.config.lock_ttl;
+            let released = ctx
+                .with_retries("release", lease, || {
+                    ctx.shared.store.release(ctx.scoped.as_str(), &lock)
+                })
+                .await;
+            if let Err(err) = released {
+                tracing::warn!(
+                    route = %ctx.route,
+                    error = %err,
+                    "could not release an abandoned claim; it lapses with its lease"
+                );
+            }
+        });
+        if started {
+            metrics::count(metrics::BACKGROUND_RELEASES);
+        } else {
+            tracing::warn!(
+                route = %self.route,
+                "too many claims being released in the background; this one lapses with its lease"
+            );
+        }
+    }
+
+    /// Runs the fenced store operation `op` until it answers, trying again with back-off (50 ms
+    /// doubling to 1 s) while the store fails or times out, for at most `bound`. Every
+    /// operation is safe to repeat: a repeat of one that applied finds it applied.
+    async fn with_retries<T, F, Fut>(
+        &self,
+        name: &'static str,
+        bound: Duration,
+        mut op: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let deadline = tokio::time::Instant::now() + bound;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let mut watch = Stopwatch::start();
+            match self.timed(name, &mut watch, op()).await {
+                Err(StoreError::Backend(_) | StoreError::Timeout)
+                    if tokio::time::Instant::now() + delay < deadline =>
+                {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Waits (bounded in time and in concurrent waiters) for the request holding the key to
@@ -552,15 +641,18 @@ impl<St: IdempotencyStore> Ctx<St> {
             let expiry = unix_ms().saturating_add(ttl.as_millis() as u64);
             (record.with_expiry(expiry), lent)
         };
-        let stored = self
+        let store = &self.shared.store;
+        let mut stored = self
             .timed(
                 "complete",
                 watch,
-                self.shared
-                    .store
-                    .complete(self.scoped.as_str(), lock, &record, ttl),
+                store.complete(self.scoped.as_str(), lock, &record, ttl),
             )
             .await;
+        if matches!(stored, Err(StoreError::Backend(_) | StoreError::Timeout)) {
+            // Boxed: rare, and its future would make every first delivery's future larger.
+            stored = Box::pin(self.complete_again(lock, &record, stored)).await;
+        }
         #[cfg(feature = "cache")]
         let cache = self
             .shared
@@ -595,26 +687,83 @@ impl<St: IdempotencyStore> Ctx<St> {
             Err(err) => tracing::error!(
                 route = %self.route,
                 error = %err,
-                "could not store the response; the key stays locked until its lease lapses"
+                "could not store the response after trying for half the lease; the key stays \
+                 claimed until its lease lapses, and a retry after that runs the handler again"
             ),
         }
     }
 
-    /// Releases the claim; `watch` was lapped when the handler finished.
+    /// Tries again to store a response whose first try failed: while the store fails, for at
+    /// most half the lease, renewing the lease before each try so that it cannot lapse
+    /// meanwhile. Ends when the record is stored, the lease is proven lost, or the bound is
+    /// reached.
+    async fn complete_again(
+        &self,
+        lock: &Lock,
+        record: &CompletedRecord,
+        first: Result<bool, StoreError>,
+    ) -> Result<bool, StoreError> {
+        if let Err(err) = &first {
+            tracing::warn!(route = %self.route, error = %err, "could not store the response; trying again");
+        }
+        let lease = self.shared.config.lock_ttl;
+        let ttl = self.shared.config.record_ttl;
+        let store = &self.shared.store;
+        let key = self.scoped.as_str();
+        let mut tries = 0;
+        self.with_retries("complete", lease / 2, || {
+            tries += 1;
+            metrics::count(metrics::COMPLETE_RETRIES);
+            async move {
+                // The lease first: a renewal that finds the key no longer running is not final
+                // (a complete whose reply was lost may have applied), the complete decides.
+                let mut watch = Stopwatch::start();
+                let _ = self
+                    .timed("renew", &mut watch, store.renew(key, lock, lease))
+                    .await;
+                store.complete(key, lock, record, ttl).await
+            }
+        })
+        .await
+        .inspect(|stored| {
+            if *stored {
+                tracing::info!(route = %self.route, tries, "response stored after trying again");
+            }
+        })
+    }
+
+    /// Releases the claim; `watch` was lapped when the handler finished. If the store fails,
+    /// the release goes on in the background.
     async fn release(&self, lock: &Lock, watch: &mut Stopwatch) {
-        if let Err(err) = self
+        let released = self
             .timed(
                 "release",
                 watch,
                 self.shared.store.release(self.scoped.as_str(), lock),
             )
-            .await
-        {
-            tracing::error!(
+            .await;
+        if let Err(err) = released {
+            tracing::warn!(
                 route = %self.route,
                 error = %err,
-                "could not release the key; it stays locked until its lease lapses"
+                "could not release the key; trying again in the background"
             );
+            self.release_in_background(lock.clone());
+        }
+    }
+}
+
+/// Releases a claim in the background when dropped armed: see [`Ctx::claim`].
+struct ReleaseOnDrop<'a, St: IdempotencyStore> {
+    ctx: &'a Ctx<St>,
+    lock: &'a Lock,
+    armed: bool,
+}
+
+impl<St: IdempotencyStore> Drop for ReleaseOnDrop<'_, St> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.ctx.release_in_background(self.lock.clone());
         }
     }
 }
@@ -759,10 +908,12 @@ where
                 } else {
                     Span::none()
                 };
+                let detached = ctx.shared.config.detached.clone();
                 if span.is_disabled() {
-                    DetachOnDrop::new(|| own(inner, ctx, req, lock, watch)).await
+                    DetachOnDrop::new(detached, || own(inner, ctx, req, lock, watch)).await
                 } else {
-                    DetachOnDrop::new(|| own(inner, ctx, req, lock, watch).instrument(span)).await
+                    let owner = || own(inner, ctx, req, lock, watch).instrument(span);
+                    DetachOnDrop::new(detached, owner).await
                 }
             }
             Ok(Claim::Completed(record)) if record.fingerprint == fingerprint => {
@@ -900,7 +1051,9 @@ where
                 Ok(ctx.reject(Rejection::new(RejectionKind::HandlerFailed, failed)))
             }
             Ok(Ok((mut parts, Ok(body)))) => {
-                if (ctx.shared.config.store_response)(&parts) {
+                if ctx.route.answered_by_router(parts.status) {
+                    ctx.release(&lock, &mut watch).await;
+                } else if (ctx.shared.config.store_response)(&parts) {
                     ctx.complete(&lock, &mut parts, &body, &mut watch).await;
                 } else {
                     ctx.release(&lock, &mut watch).await;
@@ -919,19 +1072,24 @@ fn boxed<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
 }
 
 /// Drives a future in the caller's task; if dropped before the future finished, spawns the rest
-/// on the current runtime instead of cancelling it (without a runtime, nothing could drive it:
-/// it is dropped, and a claim it held lapses with its lease).
+/// on the current runtime as the layer's [`DetachedWork`] instead of cancelling it (without a
+/// runtime, nothing could drive it: it is dropped, and a claim it held lapses with its lease).
 ///
 /// Compared with spawning up front, a request whose client stays (nearly all of them) costs no
 /// task allocation and no hop to another worker thread.
 struct DetachOnDrop<T: Send + 'static> {
     future: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+    detached: DetachedWork,
 }
 
 impl<T: Send + 'static> DetachOnDrop<T> {
-    fn new<F: Future<Output = T> + Send + 'static>(make: impl FnOnce() -> F) -> Self {
+    fn new<F: Future<Output = T> + Send + 'static>(
+        detached: DetachedWork,
+        make: impl FnOnce() -> F,
+    ) -> Self {
         Self {
             future: Some(boxed(make)),
+            detached,
         }
     }
 }
@@ -955,10 +1113,8 @@ impl<T: Send + 'static> Future for DetachOnDrop<T> {
 
 impl<T: Send + 'static> Drop for DetachOnDrop<T> {
     fn drop(&mut self) {
-        if let Some(future) = self.future.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(async move {
+        if let Some(future) = self.future.take() {
+            self.detached.spawn(async move {
                 let _ = future.await;
             });
         }

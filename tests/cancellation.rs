@@ -122,3 +122,76 @@ async fn a_panicking_future_is_not_polled_again() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(RESUMED.load(Ordering::SeqCst), 0);
 }
+
+/// A server shutting down gracefully waits for the requests still connected; a handler whose
+/// client already left belongs to none of them. `DetachedWork` waits for it: after the server
+/// stopped, the handler is still running, and once waited for it has finished and its response
+/// is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_can_wait_for_handlers_whose_client_left() {
+    use axum::Router;
+    use axum::routing::post;
+    use tokio::io::AsyncWriteExt;
+
+    let finished = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let detached = layer.detached_work();
+    let app = Router::new()
+        .route(
+            "/pay",
+            post({
+                let finished = finished.clone();
+                move || async move {
+                    tokio::time::sleep(Duration::from_millis(1_500)).await;
+                    finished.fetch_add(1, Ordering::SeqCst);
+                    "paid"
+                }
+            }),
+        )
+        .route_layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (shutdown, on_shutdown) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let app = app.clone();
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = on_shutdown.await;
+                })
+                .await
+        }
+    });
+
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(
+            b"POST /pay HTTP/1.1\r\nhost: test\r\nidempotency-key: k\r\ncontent-length: 1\r\n\r\nx",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    shutdown.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops")
+        .unwrap()
+        .unwrap();
+
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        0,
+        "the handler is still running"
+    );
+    assert_eq!(detached.len(), 1, "the detached handler is tracked");
+    assert!(detached.wait_for(Duration::from_secs(10)).await);
+    assert_eq!(finished.load(Ordering::SeqCst), 1);
+    assert!(detached.is_empty());
+
+    let replay = app.oneshot(request("k")).await.unwrap();
+    assert_eq!(replay.status(), StatusCode::OK);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(finished.load(Ordering::SeqCst), 1);
+}

@@ -14,8 +14,8 @@
 //!
 //! And what it does not promise, which the tests state as such: a store that loses a write (a
 //! restarted server without persistence, a failover) loses the claim or record it held, so a
-//! retry runs again; a response that could not be stored leaves the claim to lapse, and the
-//! retry after the lease runs again.
+//! retry runs again; a response that could not be stored within half the lease (the layer
+//! tries again until then) leaves the claim to lapse, and the retry after the lease runs again.
 //!
 //! Servers come in two kinds (see `common`): `RedisServer::spawn()` keeps nothing across a
 //! restart, `RedisServer::spawn_durable()` fsyncs every write before answering it, so whatever
@@ -382,9 +382,8 @@ async fn redis_store(url: &str, prefix: &str) -> RedisStore {
 /// Redis dies while claims are in flight, in the two ways a claim can be in flight:
 ///
 /// - `applied`: Redis executed the claim but its reply never arrived (the proxy holds replies).
-///   The client gets `503`; the handler did not run; the key is claimed by an attempt that gave
-///   up. After a restart that kept the claim (durable server), retries get `409` until that
-///   lease lapses, then exactly one runs. After a restart that lost it, the first retry runs.
+///   The client gets `503`; the handler did not run; the claim of the attempt that gave up is
+///   released in the background, so after the restart the first retry runs.
 /// - `blocked`: the claim never executed (writes paused, then the server killed). `503`, and
 ///   after the restart the first retry runs.
 ///
@@ -406,16 +405,20 @@ async fn kill_mid_claim(durable: bool) {
         &shop,
     );
 
-    // The claim executes, its reply is lost.
+    // The claim executes, its reply is lost: the layer releases it in the background (the
+    // release executes too, though its reply is lost as well).
     proxy.set(ProxyMode::StallReplies);
     send(&app, pay("applied"))
         .await
         .assert_fast_503("claim whose reply is lost");
-    assert_eq!(
-        running(&url, &prefix).await.len(),
-        1,
-        "Redis executed the claim"
-    );
+    let released = Instant::now() + Duration::from_secs(5);
+    while !running(&url, &prefix).await.is_empty() {
+        assert!(
+            Instant::now() < released,
+            "the abandoned claim was not released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     proxy.set(ProxyMode::Pass);
 
     // The claim is stuck behind paused writes when the server dies.
@@ -425,7 +428,7 @@ async fn kill_mid_claim(durable: bool) {
         .assert_fast_503("claim blocked in Redis");
     assert_eq!(
         running(&url, &prefix).await.len(),
-        1,
+        0,
         "the blocked claim did not run"
     );
 
@@ -436,12 +439,11 @@ async fn kill_mid_claim(durable: bool) {
             .assert_fast_503("during the outage");
     }
     server.start();
-    let survived = running(&url, &prefix).await.len();
-    if durable {
-        assert_eq!(survived, 1, "the acknowledged claim survived the restart");
-    } else {
-        assert_eq!(survived, 0, "a server without persistence lost the claim");
-    }
+    assert_eq!(
+        running(&url, &prefix).await.len(),
+        0,
+        "no claim is left: one was released, the other never ran"
+    );
     until_recovered(&app, "after the restart").await;
 
     let (refused, blocked) = retry_until_served(&app, "blocked").await;
@@ -456,8 +458,8 @@ async fn kill_mid_claim(durable: bool) {
     assert_eq!(applied.status, StatusCode::OK, "{applied:?}");
     assert_eq!(applied.text, "run 1 of applied: 10 EUR");
     assert!(
-        refused.iter().all(|s| *s == StatusCode::CONFLICT),
-        "while the surviving claim holds the key, retries get 409: {refused:?}"
+        refused.is_empty(),
+        "the released claim holds nothing: {refused:?}"
     );
 
     for key in ["applied", "blocked"] {
@@ -603,12 +605,48 @@ async fn kill_mid_handler_ephemeral_server_never_overwrites_the_newer_record() {
     assert_eq!(shop.runs("k"), 2);
 }
 
-/// Redis dies while the complete is blocked in it (writes paused): the record was never written.
-/// The client still gets the handler's answer. After the restart the claim is still there but
-/// nobody renews it: retries get `409` until its lease lapses, then the handler runs once more
-/// (the "response could not be stored" limit), and that answer is what is replayed.
+/// Redis dies while the complete is blocked in it (writes paused) and comes back with what it
+/// acknowledged within half the lease: the complete is tried again on the new connection and
+/// stores the response; the retry replays it and the handler never runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_mid_complete_before_it_applied_reruns_once_after_the_lease() {
+async fn kill_mid_complete_and_restart_within_half_the_lease_stores_the_response() {
+    let _cpu = CPU.read().await;
+    let mut server = RedisServer::spawn_durable();
+    let url = server.url();
+    let prefix = unique_prefix("kill-mid-complete-retried");
+    let shop = Shop::default();
+    let lease = Duration::from_secs(8);
+    let app = shop_app(layer(redis_store(&url, &prefix).await, lease), &shop);
+
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, pay_with("k", &[("x-gate", "k")])).await }
+    });
+    shop.gate("k").entered(1).await;
+    pause_writes(&url, 30_000).await;
+    shop.gate("k").open();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    server.stop();
+    server.start();
+    let first = bounded(Duration::from_secs(10), "the first request", first)
+        .await
+        .unwrap();
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    assert_eq!(first.text, "run 1 of k: 10 EUR");
+    send(&app, pay("k"))
+        .await
+        .assert_replay_of("run 1 of k: 10 EUR", "after the restart");
+    assert_eq!(shop.runs("k"), 1);
+}
+
+/// Redis dies while the complete is blocked in it (writes paused), and stays blocked for longer
+/// than the layer tries to store a response (half the lease): the record was never written.
+/// The client still gets the handler's answer, within that bound. After the restart the claim
+/// is still there but nobody renews it: retries get `409` until its lease lapses, then the
+/// handler runs once more (the "response could not be stored" limit), and that answer is what
+/// is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn complete_blocked_past_half_the_lease_reruns_once_after_the_lease() {
     let _cpu = CPU.read().await;
     let mut server = RedisServer::spawn_durable();
     let url = server.url();
@@ -633,8 +671,8 @@ async fn kill_mid_complete_before_it_applied_reruns_once_after_the_lease() {
     assert_eq!(first.status, StatusCode::OK, "{first:?}");
     assert_eq!(first.text, "run 1 of k: 10 EUR");
     assert!(
-        opened.elapsed() < FAST_503,
-        "a complete that cannot finish delays the answer by the store timeout at most: {:?}",
+        opened.elapsed() < Duration::from_millis(1_500) + FAST_503,
+        "a complete that cannot finish delays the answer by half the lease at most: {:?}",
         opened.elapsed()
     );
 
@@ -1345,4 +1383,334 @@ async fn stored_record_truncated_in_its_body_is_refused() {
         })
         .await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Never twice under store faults: lost connections, idle timeouts, a full or read-only Redis,
+// claims whose outcome was lost, detached handlers at shutdown, router answers.
+// ---------------------------------------------------------------------------------------------
+
+async fn redis_command(url: &str, args: &[&str]) {
+    let mut conn = direct(url).await;
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    let _: redis::Value = cmd.query_async(&mut conn).await.unwrap();
+}
+
+/// Closes every client connection but the caller's, as a failover, a proxy or a NAT would.
+async fn kill_connections(url: &str) {
+    redis_command(url, &["CLIENT", "KILL", "TYPE", "normal"]).await;
+}
+
+/// The layer's connections are killed while the handler runs: its lease renewal and its
+/// complete go out on the connection made in their place, the response is stored, and the
+/// retry replays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_killed_mid_handler_still_store_the_response() {
+    let _cpu = CPU.read().await;
+    let server = RedisServer::spawn();
+    let url = server.url();
+    let prefix = unique_prefix("killed-mid-handler");
+    let shop = Shop::default();
+    let app = shop_app(
+        layer(redis_store(&url, &prefix).await, Duration::from_secs(6)),
+        &shop,
+    );
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, pay_with("k", &[("x-gate", "k")])).await }
+    });
+    shop.gate("k").entered(1).await;
+    kill_connections(&url).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    shop.gate("k").open();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    assert_eq!(first.text, "run 1 of k: 10 EUR");
+    send(&app, pay("k"))
+        .await
+        .assert_replay_of("run 1 of k: 10 EUR", "right after");
+    assert_eq!(shop.runs("k"), 1);
+}
+
+/// Redis closes connections idle for a second (`timeout 1`). The first request after a quiet
+/// spell is served, not refused; a handler that outlasts the idle timeout stores its response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_idle_timeout_neither_refuses_nor_reruns() {
+    let _cpu = CPU.read().await;
+    let server = RedisServer::spawn_with(&["--timeout", "1"]);
+    let url = server.url();
+    let prefix = unique_prefix("idle-timeout");
+    let shop = Shop::default();
+    // Renewals every 3 s: the connection idles past Redis's timeout while the handler runs.
+    let app = shop_app(
+        layer(redis_store(&url, &prefix).await, Duration::from_secs(9)),
+        &shop,
+    );
+    assert_eq!(send(&app, pay("warm")).await.status, StatusCode::OK);
+    for quiet in 0..3 {
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let key = format!("after-quiet-{quiet}");
+        let reply = send(&app, pay(&key)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "after a quiet spell: {reply:?}"
+        );
+    }
+    let slow = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, pay_with("slow", &[("x-gate", "slow")])).await }
+    });
+    shop.gate("slow").entered(1).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    shop.gate("slow").open();
+    let slow = slow.await.unwrap();
+    assert_eq!(slow.status, StatusCode::OK, "{slow:?}");
+    send(&app, pay("slow"))
+        .await
+        .assert_replay_of("run 1 of slow: 10 EUR", "after the slow handler");
+    assert_eq!(shop.runs("slow"), 1);
+}
+
+/// Redis is out of memory (`maxmemory` reached, `noeviction`) only while a handler runs: a new
+/// key is refused with `503`, the running one answers `409`; the handler's complete is retried
+/// until Redis takes writes again, and its response is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_full_while_the_handler_runs_still_stores_the_response() {
+    let _cpu = CPU.read().await;
+    let server = RedisServer::spawn();
+    let url = server.url();
+    let prefix = unique_prefix("oom-mid-handler");
+    let shop = Shop::default();
+    let app = shop_app(
+        layer(redis_store(&url, &prefix).await, Duration::from_secs(6)),
+        &shop,
+    );
+    assert_eq!(send(&app, pay("done")).await.status, StatusCode::OK);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, pay_with("k", &[("x-gate", "k")])).await }
+    });
+    shop.gate("k").entered(1).await;
+    redis_command(&url, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]).await;
+    redis_command(&url, &["CONFIG", "SET", "maxmemory", "1"]).await;
+
+    send(&app, pay("new"))
+        .await
+        .assert_fast_503("a new key while full");
+    send(&app, pay("done"))
+        .await
+        .assert_replay_of("run 1 of done: 10 EUR", "a completed key while full");
+    let running = send(&app, pay("k")).await;
+    assert_eq!(running.status, StatusCode::CONFLICT, "{running:?}");
+
+    shop.gate("k").open();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    redis_command(&url, &["CONFIG", "SET", "maxmemory", "0"]).await;
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    assert_eq!(first.text, "run 1 of k: 10 EUR");
+    send(&app, pay("k"))
+        .await
+        .assert_replay_of("run 1 of k: 10 EUR", "after Redis took writes again");
+    assert_eq!(shop.runs("k"), 1);
+    assert_eq!(shop.runs("new"), 0);
+}
+
+/// A store pointed at a read-only replica (a failover not yet followed): completed keys are
+/// replayed, new keys get `503`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_replica_replays_and_refuses_new_keys() {
+    let _cpu = CPU.read().await;
+    let primary = RedisServer::spawn();
+    // The replica loads the primary's data from the socket, never into a file in this folder.
+    let replica = RedisServer::spawn_with(&[
+        "--replicaof",
+        "127.0.0.1",
+        &primary.port().to_string(),
+        "--repl-diskless-load",
+        "on-empty-db",
+        "--dir",
+        &std::env::temp_dir().to_string_lossy(),
+    ]);
+    let prefix = unique_prefix("read-only");
+    let shop = Shop::default();
+    let on_primary = shop_app(
+        layer(
+            redis_store(&primary.url(), &prefix).await,
+            Duration::from_secs(6),
+        ),
+        &shop,
+    );
+    assert_eq!(send(&on_primary, pay("k")).await.status, StatusCode::OK);
+    let replicated = Instant::now() + Duration::from_secs(15);
+    while entries(&replica.url(), &prefix).await.is_empty() {
+        assert!(
+            Instant::now() < replicated,
+            "the replica never got the record"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let on_replica = shop_app(
+        layer(
+            redis_store(&replica.url(), &prefix).await,
+            Duration::from_secs(6),
+        ),
+        &shop,
+    );
+    send(&on_replica, pay("k"))
+        .await
+        .assert_replay_of("run 1 of k: 10 EUR", "on the replica");
+    send(&on_replica, pay("new"))
+        .await
+        .assert_fast_503("a new key on the replica");
+    assert_eq!(shop.runs("k"), 1);
+    assert_eq!(shop.runs("new"), 0);
+}
+
+/// Redis is paused (`CLIENT PAUSE .. ALL`) for longer than the store timeout: the request gets
+/// `503`, but its claim was on the wire and runs when Redis resumes. The layer releases it in
+/// the background, so the retry runs at once instead of meeting `409` for a whole lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_lost_in_a_pause_is_released_when_redis_resumes() {
+    let _cpu = CPU.read().await;
+    let server = RedisServer::spawn();
+    let url = server.url();
+    let prefix = unique_prefix("claim-in-pause");
+    let shop = Shop::default();
+    let layer = layer(redis_store(&url, &prefix).await, Duration::from_secs(60));
+    let detached = layer.detached_work();
+    let app = shop_app(layer, &shop);
+
+    redis_command(&url, &["CLIENT", "PAUSE", "1500", "ALL"]).await;
+    send(&app, pay("k"))
+        .await
+        .assert_fast_503("during the pause");
+    assert!(
+        detached.wait_for(Duration::from_secs(10)).await,
+        "the background release did not finish"
+    );
+    assert!(
+        running(&url, &prefix).await.is_empty(),
+        "a ghost claim is left"
+    );
+    let retry = send(&app, pay("k")).await;
+    assert_eq!(retry.status, StatusCode::OK, "{retry:?}");
+    assert_eq!(retry.text, "run 1 of k: 10 EUR");
+    assert_eq!(shop.runs("k"), 1);
+}
+
+/// The client goes away while its claim is held up in Redis (writes paused): the claim runs
+/// later for nobody, and is released in the background; the key is free for the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_during_the_claim_leaves_the_key_free() {
+    let _cpu = CPU.read().await;
+    let server = RedisServer::spawn();
+    let url = server.url();
+    let prefix = unique_prefix("left-during-claim");
+    let shop = Shop::default();
+    let layer = layer(redis_store(&url, &prefix).await, Duration::from_secs(60))
+        .store_timeout(Duration::from_secs(5));
+    let detached = layer.detached_work();
+    let app = shop_app(layer, &shop);
+
+    pause_writes(&url, 800).await;
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), app.clone().oneshot(pay("k")));
+    assert!(
+        gave_up.await.is_err(),
+        "the request should still be claiming"
+    );
+    assert!(
+        detached.wait_for(Duration::from_secs(10)).await,
+        "the background release did not finish"
+    );
+    assert!(
+        running(&url, &prefix).await.is_empty(),
+        "the key is left claimed"
+    );
+    let retry = send(&app, pay("k")).await;
+    assert_eq!(retry.status, StatusCode::OK, "{retry:?}");
+    assert_eq!(retry.text, "run 1 of k: 10 EUR");
+    assert_eq!(shop.runs("k"), 1);
+}
+
+/// Connections are killed every 200 ms while 12 clients send new keys for three seconds, each
+/// key twice, retrying on `409` and `503` as a client would: every key runs exactly once, and
+/// every answer for a key is its first run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_killed_repeatedly_under_load_run_every_key_once() {
+    let _cpu = CPU.write().await;
+    const KEYS: usize = 20_000;
+    let storm = Instant::now() + Duration::from_secs(3);
+    let server = RedisServer::spawn();
+    let url = server.url();
+    let prefix = unique_prefix("kill-storm");
+    let shop = Shop::default();
+    let app = shop_app(
+        IdempotencyLayer::new(redis_store(&url, &prefix).await)
+            .lock_ttl(Duration::from_secs(10))
+            .store_timeout(Duration::from_secs(1)),
+        &shop,
+    );
+    let (stop, mut stopped) = watch::channel(false);
+    let killer = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let mut kills = 0;
+            while !*stopped.borrow() {
+                kill_connections(&url).await;
+                kills += 1;
+                let _ = tokio::time::timeout(Duration::from_millis(200), stopped.changed()).await;
+            }
+            kills
+        }
+    });
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        let app = app.clone();
+        let next = next.clone();
+        clients.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= KEYS || Instant::now() > storm {
+                    return answers;
+                }
+                let key = format!("key-{n}");
+                // Twice: the second is a retry that must replay the first.
+                for _ in 0..2 {
+                    let (_, reply) = retry_until_served(&app, &key).await;
+                    assert_eq!(reply.status, StatusCode::OK, "{key}: {reply:?}");
+                    answers.push((key.clone(), reply.text));
+                }
+            }
+        }));
+    }
+    let mut answers = Vec::new();
+    for client in clients {
+        answers.extend(client.await.unwrap());
+    }
+    stop.send_replace(true);
+    let kills = killer.await.unwrap();
+    assert!(
+        kills >= 10,
+        "only {kills} kills: the storm was too short to say anything"
+    );
+    for (key, text) in &answers {
+        assert_eq!(text, &format!("run 1 of {key}: 10 EUR"), "{key}");
+    }
+    let keys: std::collections::BTreeSet<&String> = answers.iter().map(|(key, _)| key).collect();
+    assert!(keys.len() >= 50, "only {} keys were sent", keys.len());
+    let reruns: Vec<_> = keys
+        .iter()
+        .filter(|key| shop.runs(key) != 1)
+        .map(|key| (shop.runs(key), key))
+        .collect();
+    assert!(reruns.is_empty(), "keys not run exactly once: {reruns:?}");
+    let executions: usize = shop.runs.lock().unwrap().values().sum();
+    assert_eq!(executions, keys.len(), "a key ran that no client sent");
 }

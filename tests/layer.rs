@@ -46,6 +46,91 @@ both_stores!(
     huge_ttls_are_clamped_not_fatal,
 );
 
+/// Answers the router makes itself are not the handler's result and consume no key: axum's
+/// `405` for a method the route lacks (inside `Router::route_layer`), and its fallback's `404`
+/// for a path no route matches (inside `Router::layer`). A handler's own `404` is stored.
+#[tokio::test]
+async fn router_answers_do_not_consume_keys() {
+    use tower::ServiceExt;
+    use tower_idempotency::MemoryStore;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = runs.clone();
+        move || async move { format!("run {}", runs.fetch_add(1, Ordering::SeqCst) + 1) }
+    };
+    let request = |method: &str, path: &str, key: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("idempotency-key", key)
+            .body(Body::from("x"))
+            .unwrap()
+    };
+
+    let store = MemoryStore::new();
+    let app = Router::new()
+        .route("/pay", post(handler.clone()))
+        .route(
+            "/orders/{id}/refund",
+            post(|| async { (StatusCode::NOT_FOUND, "no such order") }),
+        )
+        .route_layer(IdempotencyLayer::new(store.clone()));
+    for _ in 0..2 {
+        let put = app
+            .clone()
+            .oneshot(request("PUT", "/pay", "k"))
+            .await
+            .unwrap();
+        assert_eq!(put.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert!(store.is_empty(), "the 405 left an entry");
+    }
+    let post_ = app
+        .clone()
+        .oneshot(request("POST", "/pay", "k"))
+        .await
+        .unwrap();
+    assert_eq!(
+        post_.status(),
+        StatusCode::OK,
+        "the key was consumed by the 405"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    for replayed in [false, true] {
+        let refund = app
+            .clone()
+            .oneshot(request("POST", "/orders/1/refund", "r"))
+            .await
+            .unwrap();
+        assert_eq!(refund.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            refund.headers().contains_key("idempotent-replayed"),
+            replayed,
+            "a handler's own 404 is stored and replayed"
+        );
+    }
+
+    let store = MemoryStore::new();
+    let app = Router::new()
+        .route("/pay", post(handler))
+        .layer(IdempotencyLayer::new(store.clone()));
+    let nowhere = app
+        .clone()
+        .oneshot(request("POST", "/nowhere", "n"))
+        .await
+        .unwrap();
+    assert_eq!(nowhere.status(), StatusCode::NOT_FOUND);
+    assert!(store.is_empty(), "the fallback's 404 left an entry");
+    let post_ = app
+        .clone()
+        .oneshot(request("POST", "/pay", "n"))
+        .await
+        .unwrap();
+    assert_eq!(post_.status(), StatusCode::OK);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
 /// Handlers that count their executions.
 #[derive(Clone, Default)]
 struct Counters {

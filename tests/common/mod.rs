@@ -45,6 +45,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Data directory of a durable server (see [`RedisServer::spawn_durable`]), removed on drop.
     dir: Option<PathBuf>,
+    /// More arguments for the server (see [`RedisServer::spawn_with`]).
+    args: Vec<String>,
 }
 
 impl RedisServer {
@@ -55,6 +57,20 @@ impl RedisServer {
             port,
             child: None,
             dir: None,
+            args: Vec::new(),
+        };
+        server.start();
+        server
+    }
+
+    /// Spawns a server with more arguments, such as `["--replicaof", "127.0.0.1", "6379"]`.
+    pub fn spawn_with(args: &[&str]) -> Self {
+        let port = free_port();
+        let mut server = Self {
+            port,
+            child: None,
+            dir: None,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         server.start();
         server
@@ -75,6 +91,7 @@ impl RedisServer {
             port,
             child: None,
             dir: Some(dir),
+            args: Vec::new(),
         };
         server.start();
         server
@@ -106,6 +123,7 @@ impl RedisServer {
                 .args(["--appendfsync", "always"]),
             None => command.args(["--appendonly", "no"]),
         };
+        command.args(&self.args);
         let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
