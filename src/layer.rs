@@ -192,7 +192,9 @@ impl<St> IdempotencyLayer<St> {
 
     /// Sets the lease of a running request: how long a key stays locked if its owner stops
     /// renewing it (the instance crashed). The owner renews every third of it while the handler
-    /// runs, so a slow handler keeps its lock however long it takes.
+    /// runs, so a slow handler keeps its lock however long it takes. Storing a response that
+    /// the store fails to take is tried again for up to half of it, so keep it above the
+    /// longest store outage you want a response to survive.
     ///
     /// Values are clamped to between 3 ms and 100 years.
     ///
@@ -257,7 +259,9 @@ impl<St> IdempotencyLayer<St> {
     }
 
     /// Sets the time limit of every store operation. A claim that does not finish in time is
-    /// treated as the store being unavailable (`503`, or fail-open).
+    /// treated as the store being unavailable (`503`, or fail-open); since the store may still
+    /// apply it, it is released in the background once the store answers. Storing a response
+    /// that times out is tried again (see [`lock_ttl`](Self::lock_ttl)).
     ///
     /// Defaults to 2 seconds.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {

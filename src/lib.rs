@@ -48,6 +48,7 @@
 //! | stored record unreadable | `500`, handler not run |
 //! | handler panics | `500`, key released so a retry runs again |
 //! | handler answers 5xx | answer passed on, key released so a retry runs again |
+//! | router answers `405`, or with axum `404` for no matched route | answer passed on, key released |
 //!
 //! Every answer the layer makes itself is `application/problem+json` (RFC 9457); see
 //! [`Rejection`] and [`IdempotencyLayer::rejection_with`].
@@ -103,8 +104,14 @@
 //!   runs the handler again. For side effects in your own database, write the
 //!   [`IdempotencyKey`] (the handler can extract it) in the same transaction and check it there;
 //!   for calls to another API, forward the key so that API deduplicates too.
+//! - A response the store cannot take is tried again for up to half the lease
+//!   ([`lock_ttl`](IdempotencyLayer::lock_ttl)), the lease renewed meanwhile; a store unable to
+//!   take it for longer leaves the claim to lapse, and a retry after that runs again.
 //! - Redis replication is asynchronous: a failover that loses an unreplicated write can lose a
-//!   claim or a record, and a retry then runs again.
+//!   claim or a record, and a retry then runs again. So do a restart without persistence and
+//!   eviction (`allkeys-*`, `volatile-*` policies): keep persistence on and use `noeviction`.
+//! - Handlers whose client left run on; on shutdown, wait for them with
+//!   [`IdempotencyLayer::detached_work`].
 //! - [`fail_open`](IdempotencyLayer::fail_open) trades all of this for availability while the
 //!   store is down.
 //!

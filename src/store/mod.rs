@@ -184,6 +184,15 @@ impl From<DecodeError> for StoreError {
 ///
 /// `key` is the scoped key the layer derived (a short digest of scope and idempotency key); a
 /// store may prefix it but must treat it as opaque.
+///
+/// The layer repeats an operation that failed with [`StoreError::Backend`] or
+/// [`StoreError::Timeout`] (it may have been applied nonetheless): a failed claim is released,
+/// and a failed complete or release is tried again. So a store must let an operation be
+/// repeated after it applied: `complete` again with the same record reports `true` when the
+/// key already holds exactly that record, `renew` again reports `true` while the lock owns the
+/// key, `release` again finds nothing and reports `false`. A store that resends commands itself
+/// after a lost connection must recognise its own claim too (a running entry of the same lock is
+/// [`Claim::Acquired`]).
 pub trait IdempotencyStore: Clone + Send + Sync + 'static {
     /// Claims `key` for `lock` with a lease of `lease` if it is absent; otherwise reports what
     /// holds it. One atomic step.
