@@ -7,7 +7,8 @@ use std::time::Duration;
 use quick_cache::OptionsBuilder;
 use quick_cache::sync::Cache;
 
-use crate::record::{CompletedRecord, unix_ms};
+use crate::clock::unix_ms;
+use crate::record::CompletedRecord;
 
 /// A bounded in-process cache of **completed** records, so that replaying a hot key needs no
 /// store round trip. Give it to [`IdempotencyLayer::local_cache`](crate::IdempotencyLayer::local_cache).

@@ -2,7 +2,7 @@
 
 use http::{Method, Uri};
 
-use crate::record::{MAX_VARINT, write_varint};
+use crate::varint::{MAX_VARINT, write_varint};
 
 /// A 256-bit BLAKE3 digest of a request's method, path and query, and body.
 ///

@@ -132,8 +132,7 @@
 //!
 //! The span is at `DEBUG` level, as tower-http's `TraceLayer` spans are: with a subscriber
 //! that records `INFO` and above, a span per request would cost more than the rest of the
-//! layer's work (about 10,600 instructions per first delivery with `tracing-subscriber`'s `fmt`
-//! layer). Turn it on with `RUST_LOG=tower_idempotency=debug` (or an equivalent filter); the
+//! layer's work (BENCHMARKS.md has the numbers). Turn it on with `RUST_LOG=tower_idempotency=debug` (or an equivalent filter); the
 //! warnings and errors the layer logs (store unavailable, lease lost) are at their own levels
 //! whatever the filter does to the span. Outcome counts are also available as metrics.
 
@@ -142,6 +141,8 @@
 mod body;
 #[cfg(feature = "cache")]
 mod cache;
+mod clock;
+mod config;
 mod detached;
 #[cfg(feature = "axum")]
 mod extract;
@@ -155,6 +156,10 @@ mod rejection;
 mod service;
 mod source;
 pub mod store;
+mod varint;
+
+/// The error type of bodies and store backends.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[cfg(feature = "cache")]
 pub use cache::LocalCache;

@@ -21,9 +21,10 @@
 use std::fmt;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::fingerprint::Fingerprint;
+use crate::varint::{put_varint, varint_len};
 
 /// The encoding version written by this crate.
 pub(crate) const VERSION: u8 = 1;
@@ -280,35 +281,6 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
-/// The most bytes a varint takes (a `u64` in LEB128).
-pub(crate) const MAX_VARINT: usize = 10;
-
-/// Writes `n` as a varint at the start of `out`; returns how many bytes it took.
-pub(crate) fn write_varint(out: &mut [u8], mut n: u64) -> usize {
-    let mut i = 0;
-    while n >= 0x80 {
-        out[i] = (n as u8) | 0x80;
-        n >>= 7;
-        i += 1;
-    }
-    out[i] = n as u8;
-    i + 1
-}
-
-/// Appends `n` as a varint: the bytes of [`write_varint`], pushed one by one (cheaper on the
-/// encoding path than writing them to a buffer and copying it).
-fn put_varint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-fn varint_len(n: u64) -> usize {
-    (64 - n.max(1).leading_zeros() as usize).div_ceil(7)
-}
-
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -369,63 +341,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Headers never stored: hop-by-hop headers (RFC 9110 §7.6.1) describe one connection, not the
-/// response.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-/// Milliseconds since the Unix epoch on this machine's wall clock: the clock of record expiries
-/// and lease deadlines, in the store and in the cache alike.
-pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The headers worth storing: everything but hop-by-hop headers, headers the `Connection` header
-/// names, `Upgrade`, and the caller's `excluded` list. `None` when that is all of them (the usual
-/// case), so the caller can store the map as it is.
-pub(crate) fn storable_headers(headers: &HeaderMap, excluded: &[HeaderName]) -> Option<HeaderMap> {
-    let connection_named: Vec<&str> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .collect();
-    let dropped = |name: &HeaderName| {
-        HOP_BY_HOP.contains(name)
-            || *name == header::UPGRADE
-            || excluded.contains(name)
-            || connection_named
-                .iter()
-                .any(|n| n.eq_ignore_ascii_case(name.as_str()))
-    };
-    if !headers.keys().any(dropped) {
-        return None;
-    }
-    // Only a hint, kept small: `with_capacity` panics far below the number of values a
-    // `HeaderMap` can hold.
-    let mut out = HeaderMap::with_capacity(headers.len().min(1024));
-    for (name, value) in headers {
-        if !dropped(name) {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
 
     fn sample() -> CompletedRecord {
         let mut headers = HeaderMap::new();
@@ -508,44 +427,7 @@ mod tests {
     }
 
     #[test]
-    fn varints_round_trip_and_size() {
-        assert_eq!(varint_len(0), 1);
-        assert_eq!(varint_len(127), 1);
-        assert_eq!(varint_len(128), 2);
-        assert_eq!(varint_len(u64::MAX), MAX_VARINT);
-        let mut buf = [0u8; MAX_VARINT];
-        assert_eq!(write_varint(&mut buf, u64::MAX), MAX_VARINT);
-        assert_eq!(buf[MAX_VARINT - 1], 0x01);
-        for n in [
-            0u64,
-            1,
-            127,
-            128,
-            300,
-            16_383,
-            16_384,
-            u32::MAX as u64,
-            u64::MAX,
-        ] {
-            let mut out = Vec::new();
-            put_varint(&mut out, n);
-            assert_eq!(out.len(), varint_len(n), "{n}");
-            assert!(out.len() <= MAX_VARINT, "{n}");
-            let mut written = [0u8; MAX_VARINT];
-            let len = write_varint(&mut written, n);
-            assert_eq!(&written[..len], &out[..], "{n}");
-            out.extend_from_slice(&[0; 16]);
-            let mut r = Reader { buf: &out, pos: 0 };
-            let mut got: u64 = 0;
-            for shift in (0..64).step_by(7) {
-                let byte = r.u8().unwrap();
-                got |= u64::from(byte & 0x7f) << shift;
-                if byte & 0x80 == 0 {
-                    break;
-                }
-            }
-            assert_eq!(got, n);
-        }
+    fn varint_lengths_are_read_within_the_record() {
         // A length past the end of the record is refused.
         let mut r = Reader {
             buf: &[5, 1, 2],
@@ -645,30 +527,6 @@ mod tests {
         assert!(Stored::decode(Bytes::from(bytes)).is_err());
     }
 
-    #[test]
-    fn storable_headers_drops_hop_by_hop_and_excluded() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-conn"),
-        );
-        h.insert("x-conn", HeaderValue::from_static("1"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert(header::SET_COOKIE, HeaderValue::from_static("a=b"));
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        h.append("x-keep", HeaderValue::from_static("1"));
-        h.append("x-keep", HeaderValue::from_static("2"));
-        let out = storable_headers(&h, &[header::SET_COOKIE]).expect("some dropped");
-        let names: Vec<_> = out.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["content-type", "x-keep"]);
-        assert_eq!(out.get_all("x-keep").iter().count(), 2);
-        let out = storable_headers(&h, &[]).expect("hop-by-hop dropped");
-        assert!(out.contains_key(header::SET_COOKIE));
-    }
-
     /// A map holds any number of values under its names: counts that do not fit the u16 field
     /// are escaped, and every value comes back.
     #[test]
@@ -691,21 +549,5 @@ mod tests {
             assert_eq!(decoded.headers.len(), values);
             assert_eq!(decoded, record, "{values}");
         }
-    }
-
-    #[test]
-    fn storable_headers_keeps_everything_when_nothing_is_dropped() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        h.append("x-keep", HeaderValue::from_static("1"));
-        h.append("x-keep", HeaderValue::from_static("2"));
-        h.insert(header::SET_COOKIE, HeaderValue::from_static("a=b"));
-        assert_eq!(storable_headers(&h, &[]), None, "stored as it is");
-        let mut without_cookie = h.clone();
-        without_cookie.remove(header::SET_COOKIE);
-        assert_eq!(
-            storable_headers(&h, &[header::SET_COOKIE]),
-            Some(without_cookie)
-        );
     }
 }

@@ -9,6 +9,9 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::key::KeyError;
 
+/// How long to tell clients to wait when the store is unavailable.
+const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// The base of every problem `type` URI; the variant name is the fragment.
 const TYPE_BASE: &str =
     "https://docs.rs/tower-idempotency/latest/tower_idempotency/enum.RejectionKind.html#variant.";
@@ -106,6 +109,69 @@ impl Rejection {
     pub(crate) fn with_retry_after(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
         self
+    }
+
+    /// `400`: no key where one is required; `source` says where keys are read from.
+    pub(crate) fn missing_key(source: impl fmt::Display) -> Self {
+        Self::new(
+            RejectionKind::MissingKey,
+            format!("send a unique idempotency key in {source}"),
+        )
+    }
+
+    /// `400`: the key is malformed, repeated, or two key headers disagree.
+    pub(crate) fn invalid_key(err: KeyError) -> Self {
+        Self::new(RejectionKind::InvalidKey(err), err.to_string())
+    }
+
+    /// `413`: the body is larger than `limit` bytes.
+    pub(crate) fn too_large(limit: usize) -> Self {
+        Self::new(
+            RejectionKind::PayloadTooLarge,
+            format!("the request body is larger than {limit} bytes"),
+        )
+    }
+
+    /// `400`: the body could not be read.
+    pub(crate) fn body_unreadable(err: impl fmt::Display) -> Self {
+        Self::new(
+            RejectionKind::BodyUnreadable,
+            format!("the request body could not be read: {err}"),
+        )
+    }
+
+    /// `409`: the key's first request is still running; its lease has `retry_after` left.
+    pub(crate) fn in_flight(retry_after: Duration) -> Self {
+        let detail = "a request with this idempotency key is still being processed; \
+                      retry after the time given in Retry-After";
+        Self::new(RejectionKind::InFlight, detail).with_retry_after(retry_after)
+    }
+
+    /// `422`: the key was used for a different request.
+    pub(crate) fn key_reused() -> Self {
+        let detail = "this idempotency key was already used for a different request \
+                      (method, path or body differ); use a new key for a new request";
+        Self::new(RejectionKind::KeyReused, detail)
+    }
+
+    /// `503`: the store could not answer; nothing ran.
+    pub(crate) fn store_unavailable() -> Self {
+        let detail = "the idempotency store is unavailable, so the request could not be \
+                      processed safely; it was not processed";
+        Self::new(RejectionKind::StoreUnavailable, detail).with_retry_after(STORE_RETRY_AFTER)
+    }
+
+    /// `500`: the key's stored record is unreadable; nothing ran.
+    pub(crate) fn corrupt_record() -> Self {
+        let detail = "the stored response for this idempotency key is unreadable; \
+                      the request was not processed";
+        Self::new(RejectionKind::CorruptRecord, detail)
+    }
+
+    /// `500`: the handler panicked or its body failed; the key was released.
+    pub(crate) fn handler_failed() -> Self {
+        let detail = "the request handler failed; the request may be retried";
+        Self::new(RejectionKind::HandlerFailed, detail)
     }
 
     /// What went wrong.

@@ -10,7 +10,8 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 
 use super::{Claim, IdempotencyStore, Lock, StoreError};
-use crate::record::{CompletedRecord, RunningRecord, Stored, unix_ms};
+use crate::clock::unix_ms;
+use crate::record::{CompletedRecord, RunningRecord, Stored};
 
 /// A Lua script and its SHA-1, computed once.
 struct Lua {

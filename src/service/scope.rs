@@ -1,0 +1,102 @@
+//! The scope of a key: the route it was sent to (and the caller, where configured), hashed
+//! with the key into the scoped key the store sees.
+
+use http::request;
+
+use crate::config::Config;
+use crate::fingerprint::digest_fields;
+use crate::key::IdempotencyKey;
+
+/// The key the store sees: 32 hex characters of BLAKE3 over the route, the namespace, the caller
+/// scope (after a marker saying whether there is one) and the idempotency key, laid out as
+/// `digest_fields` describes. Fixed-size, so a store key never grows with the input, and free of
+/// the raw key.
+pub(super) fn scoped_key(
+    parts: &request::Parts,
+    route: &RouteName,
+    config: &Config,
+    key: &IdempotencyKey,
+) -> ScopedKey {
+    let route = route.as_str().as_bytes();
+    let namespace = config.namespace.as_deref().unwrap_or("").as_bytes();
+    let caller = config.scope.as_ref().and_then(|f| f(parts));
+    let digest = match &caller {
+        Some(caller) => digest_fields(&[
+            route,
+            namespace,
+            b"\x01",
+            caller.as_bytes(),
+            key.as_str().as_bytes(),
+        ]),
+        None => digest_fields(&[route, namespace, b"\x00", key.as_str().as_bytes()]),
+    };
+    let mut hex = [0u8; 32];
+    for (pair, b) in hex.chunks_exact_mut(2).zip(&digest.as_bytes()[..16]) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
+    }
+    ScopedKey(hex)
+}
+
+/// The key the store sees: 128 bits of the scope's digest in 32 lowercase hex digits, kept
+/// inline (no allocation per request).
+#[derive(Clone, Copy)]
+pub(super) struct ScopedKey([u8; 32]);
+
+impl ScopedKey {
+    pub(super) fn as_str(&self) -> &str {
+        // Only ever hex digits: valid UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// The route of a protected request, named in the layer's warnings and errors: the span that
+/// also carries it is at `DEBUG` level, which production filters usually leave off. Cloning it
+/// costs a reference count.
+#[derive(Clone)]
+pub(super) enum RouteName {
+    #[cfg(feature = "axum")]
+    Matched(axum::extract::MatchedPath),
+    Path(http::Uri),
+}
+
+impl RouteName {
+    /// The route part of the scope: the matched route where the router provides it, else the
+    /// path.
+    pub(super) fn of(parts: &request::Parts) -> Self {
+        #[cfg(feature = "axum")]
+        if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
+            return Self::Matched(matched.clone());
+        }
+        Self::Path(parts.uri.clone())
+    }
+
+    pub(super) fn as_str(&self) -> &str {
+        match self {
+            #[cfg(feature = "axum")]
+            Self::Matched(matched) => matched.as_str(),
+            Self::Path(uri) => uri.path(),
+        }
+    }
+
+    /// Whether `status` is a router's answer rather than the handler's result, which must not
+    /// consume the key: `405` (axum's method router answers it for a method the route lacks,
+    /// inside `Router::route_layer`), and with axum, `404` for a request no route matched (the
+    /// router's fallback, inside `Router::layer`).
+    pub(super) fn answered_by_router(&self, status: http::StatusCode) -> bool {
+        match self {
+            _ if status == http::StatusCode::METHOD_NOT_ALLOWED => true,
+            #[cfg(feature = "axum")]
+            Self::Path(_) => status == http::StatusCode::NOT_FOUND,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for RouteName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
