@@ -10,6 +10,7 @@
 //! | `idempotency_leases_lost_total` | counter | |
 //! | `idempotency_cache_hits_total` | counter | |
 //! | `idempotency_cache_misses_total` | counter | |
+//! | `idempotency_memory_store_full_total` | counter | |
 //!
 //! A request's claim, handler and `complete` (or `release`) are timed back to back with one
 //! `Stopwatch`: four clock reads for the three instead of six.
@@ -114,6 +115,7 @@ pub(crate) fn count(_: &'static str) {}
 
 pub(crate) const RENEWALS: &str = "idempotency_lease_renewals_total";
 pub(crate) const LEASES_LOST: &str = "idempotency_leases_lost_total";
+pub(crate) const MEMORY_STORE_FULL: &str = "idempotency_memory_store_full_total";
 #[cfg(feature = "cache")]
 pub(crate) const CACHE_HITS: &str = "idempotency_cache_hits_total";
 #[cfg(feature = "cache")]
