@@ -44,7 +44,7 @@
 //! | same key, same request, completed | stored status, headers and body, plus `Idempotent-Replayed: true` |
 //! | same key, same request, still running | `409` with `Retry-After` (remaining lease) |
 //! | same key, different method, path, query or body | `422` |
-//! | store unreachable or slower than [`store_timeout`](IdempotencyLayer::store_timeout) | `503` with `Retry-After` (or run unprotected with [`fail_open`](IdempotencyLayer::fail_open)) |
+//! | store unreachable or slower than [`store_timeout`](IdempotencyLayer::store_timeout), or a new key and a full [`MemoryStore`] | `503` with `Retry-After` (or run unprotected with [`fail_open`](IdempotencyLayer::fail_open)) |
 //! | stored record unreadable | `500`, handler not run |
 //! | handler panics | `500`, key released so a retry runs again |
 //! | handler answers 5xx | answer passed on, key released so a retry runs again |

@@ -12,6 +12,7 @@
 //! | `idempotency_background_releases_total` | counter | |
 //! | `idempotency_cache_hits_total` | counter | |
 //! | `idempotency_cache_misses_total` | counter | |
+//! | `idempotency_memory_store_full_total` | counter | |
 //!
 //! A request's claim, handler and `complete` (or `release`) are timed back to back with one
 //! `Stopwatch`: four clock reads for the three instead of six.
@@ -118,6 +119,7 @@ pub(crate) const RENEWALS: &str = "idempotency_lease_renewals_total";
 pub(crate) const LEASES_LOST: &str = "idempotency_leases_lost_total";
 pub(crate) const COMPLETE_RETRIES: &str = "idempotency_complete_retries_total";
 pub(crate) const BACKGROUND_RELEASES: &str = "idempotency_background_releases_total";
+pub(crate) const MEMORY_STORE_FULL: &str = "idempotency_memory_store_full_total";
 #[cfg(feature = "cache")]
 pub(crate) const CACHE_HITS: &str = "idempotency_cache_hits_total";
 #[cfg(feature = "cache")]

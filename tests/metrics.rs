@@ -1,4 +1,5 @@
-//! Metrics through the `metrics` facade: outcomes, store timings, renewals, cache hits.
+//! Metrics through the `metrics` facade: outcomes, store timings, renewals, cache hits, a full
+//! `MemoryStore`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -105,4 +106,21 @@ async fn outcomes_timings_renewals_and_cache_hits_are_counted() {
     }
     assert!(!seconds("idempotency_store_duration_seconds[\"renew\"]").is_empty());
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(counter("idempotency_memory_store_full_total", None), 0);
+
+    // A full MemoryStore: the second key is refused, and counted.
+    let full = Router::new()
+        .route("/full", post(|| async { "ok" }))
+        .route_layer(IdempotencyLayer::new(MemoryStore::new().max_entries(1)));
+    for key in ["f1", "f2"] {
+        let req = Request::post("/full").header("idempotency-key", key);
+        let req = req.body(Body::empty()).unwrap();
+        full.clone().oneshot(req).await.unwrap();
+    }
+    let snapshot = snapshotter.snapshot().into_hashmap();
+    let full_total = snapshot
+        .iter()
+        .find(|(key, _)| key.key().name() == "idempotency_memory_store_full_total")
+        .map(|(_, (_, _, value))| value);
+    assert_eq!(full_total, Some(&DebugValue::Counter(1)));
 }

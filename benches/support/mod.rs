@@ -389,8 +389,9 @@ pub async fn redis_store(url: &str, prefix: &str) -> RedisStore {
 pub async fn router_for(variant: Variant, url: &str, response: Bytes) -> Router {
     match variant {
         Variant::Plain => handler_router(response),
+        // Unbounded: the store keeps every record of a run, more than the default bound allows.
         Variant::Memory => {
-            handler_router(response).route_layer(IdempotencyLayer::new(MemoryStore::new()))
+            handler_router(response).route_layer(IdempotencyLayer::new(MemoryStore::unbounded()))
         }
         Variant::RedisFirst | Variant::RedisReplay => {
             let store = redis_store(url, &format!("idem-{}:", variant.name())).await;

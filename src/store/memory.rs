@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -27,8 +28,26 @@ use crate::record::CompletedRecord;
 /// sweep reaches the number of entries that sweep left), so memory stays proportional to the live
 /// entries and sweeping costs O(1) per claim, amortized. Completed records are kept
 /// encoded, as Redis keeps them: one allocation each, about the size of the body and its
-/// headers; a replay decodes its record and shares the body. Clones share the same entries.
-/// Time is [`tokio::time::Instant`], so tests with a paused clock can move TTLs forward.
+/// headers; a replay decodes its record and shares the body. Time is [`tokio::time::Instant`],
+/// so tests with a paused clock can move TTLs forward.
+///
+/// # Bounds
+///
+/// The store holds at most [`max_entries`](Self::max_entries) entries (1,000,000 by default)
+/// and [`max_bytes`](Self::max_bytes) bytes (1 GiB by default). A completed record counts its
+/// encoded length (about its body and headers); a running claim counts 64 bytes. Expired
+/// entries count until they are swept.
+///
+/// When a bound is reached, a claim of a new key (absent, or expired) first sweeps the expired
+/// entries of the whole store; if that does not make room, the claim fails with
+/// [`StoreError::Backend`], which the layer answers with `503` (or, with
+/// [`fail_open`](crate::IdempotencyLayer::fail_open), by running the handler unprotected). A
+/// claim of a key the store holds is answered as usual, and live entries are never evicted to
+/// make room. The bounds are checked when a key is claimed: a handler that already ran always
+/// has its record stored, so `max_bytes` can be exceeded by the responses of the requests in
+/// flight when it was reached. [`unbounded`](Self::unbounded) lifts both bounds.
+///
+/// Clones share the same entries and the same bounds.
 #[derive(Clone)]
 pub struct MemoryStore {
     shared: Arc<Shared>,
@@ -41,7 +60,22 @@ struct Shared {
     /// Picks a key's shard. (The layer's digests are uniform, but keys from direct use of the
     /// store need not be.)
     hasher: foldhash::fast::RandomState,
+    /// The entries held and their bytes, changed under the lock of the shard that changes.
+    entries: AtomicUsize,
+    bytes: AtomicUsize,
+    max_entries: AtomicUsize,
+    max_bytes: AtomicUsize,
+    /// When the next "store full" warning may be logged, in milliseconds since `created`.
+    next_warning: AtomicU64,
+    created: Instant,
 }
+
+/// What a running claim counts against `max_bytes`: its owner token, fingerprint and deadline.
+const RUNNING_BYTES: usize = 64;
+const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
+const DEFAULT_MAX_BYTES: usize = 1 << 30;
+/// The least time between two "store full" warnings.
+const WARN_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Inner {
@@ -56,6 +90,9 @@ struct Inner {
     /// Claims between sweeps: the number of entries left by the last sweep (at least
     /// `MIN_SWEEP_EVERY`), so a sweep's cost is paid for by as many claims.
     sweep_every: usize,
+    /// No entry expires before this (`None`: the shard held nothing at its last sweep and has
+    /// taken nothing since), so a full store sweeps only the shards where one may have expired.
+    next_expiry: Option<Instant>,
 }
 
 /// A key as [`Inner`] files it.
@@ -147,6 +184,14 @@ impl Entry {
         }
     }
 
+    /// What the entry counts against `max_bytes`.
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Running { .. } => RUNNING_BYTES,
+            Self::Completed { record, .. } => record.len(),
+        }
+    }
+
     fn is_owned_by(&self, lock: &Lock, now: Instant) -> bool {
         matches!(self, Self::Running { owner, deadline, .. } if owner == lock.owner() && *deadline > now)
     }
@@ -156,26 +201,65 @@ impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
             .field("entries", &self.len())
+            .field("bytes", &self.bytes())
+            .field("max_entries", &self.shared.max_entries.load(Relaxed))
+            .field("max_bytes", &self.shared.max_bytes.load(Relaxed))
             .finish()
     }
 }
 
 impl MemoryStore {
-    /// Creates an empty store.
+    /// Creates an empty store with the default bounds.
     pub fn new() -> Self {
         Self {
             shared: Arc::new(Shared {
                 shards: std::array::from_fn(|_| Mutex::default()),
                 hasher: foldhash::fast::RandomState::default(),
+                entries: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                max_entries: AtomicUsize::new(DEFAULT_MAX_ENTRIES),
+                max_bytes: AtomicUsize::new(DEFAULT_MAX_BYTES),
+                next_warning: AtomicU64::new(0),
+                created: Instant::now(),
             }),
         }
     }
 
+    /// Creates an empty store without bounds: it grows with the live entries, however many.
+    pub fn unbounded() -> Self {
+        Self::new().max_entries(usize::MAX).max_bytes(usize::MAX)
+    }
+
+    /// Sets the most entries (running claims and completed records) the store holds; beyond
+    /// it, new keys are refused. A store holds about as many records as it takes new keys in a
+    /// record TTL: the default covers 11 new keys a second kept for the layer's default 24 hours.
+    ///
+    /// Defaults to 1,000,000. `usize::MAX` lifts the bound. Sets it for every clone.
+    pub fn max_entries(self, max: usize) -> Self {
+        self.shared.max_entries.store(max, Relaxed);
+        self
+    }
+
+    /// Sets the most bytes the store holds: the encoded length of each completed record and
+    /// 64 bytes for each running claim. Beyond it, new keys are refused; a request already
+    /// running always stores its response, so the bound can be exceeded by the responses of
+    /// the requests in flight.
+    ///
+    /// Defaults to 1 GiB. `usize::MAX` lifts the bound. Sets it for every clone.
+    pub fn max_bytes(self, max: usize) -> Self {
+        self.shared.max_bytes.store(max, Relaxed);
+        self
+    }
+
     /// The number of entries held, including expired ones not yet swept.
     pub fn len(&self) -> usize {
-        (0..SHARDS)
-            .map(|i| lock(&self.shared.shards[i]).len())
-            .sum()
+        self.shared.entries.load(Relaxed)
+    }
+
+    /// The bytes held, as counted against [`max_bytes`](Self::max_bytes), including those of
+    /// expired entries not yet swept.
+    pub fn bytes(&self) -> usize {
+        self.shared.bytes.load(Relaxed)
     }
 
     /// Whether the store holds no entries.
@@ -192,6 +276,84 @@ impl MemoryStore {
         lock(&self.shared.shards[index % SHARDS])
     }
 
+    /// Claims `key` if it is free and the bounds allow it, or answers what holds it; `None` if
+    /// the key is free but the store is full.
+    fn try_claim(
+        &self,
+        key: Key<'_>,
+        lock: &Lock,
+        lease: Duration,
+        now: Instant,
+    ) -> Option<Result<Claim, StoreError>> {
+        let mut inner = self.shard(key);
+        if inner.sweep_due() {
+            self.shared.forget(inner.sweep(now));
+        }
+        match inner.get(key) {
+            Some(Entry::Running {
+                fingerprint,
+                deadline,
+                ..
+            }) if *deadline > now => {
+                return Some(Ok(Claim::InFlight {
+                    fingerprint: *fingerprint,
+                    retry_after: *deadline - now,
+                }));
+            }
+            Some(Entry::Completed { record, expires }) if *expires > now => {
+                let record = record.clone();
+                drop(inner);
+                let record = CompletedRecord::decode(record).map_err(StoreError::Corrupt);
+                return Some(record.map(Claim::Completed));
+            }
+            // Expired: gone before the new claim is counted in.
+            Some(_) => {
+                if let Some(expired) = inner.remove(key) {
+                    self.shared.forget((1, expired.bytes()));
+                }
+            }
+            None => {}
+        }
+        if !self.shared.admit(RUNNING_BYTES) {
+            return None;
+        }
+        let entry = Entry::running(lock, deadline(now, lease));
+        inner.insert(key, entry);
+        Some(Ok(Claim::Acquired))
+    }
+
+    /// Sweeps every shard where an entry may have expired.
+    fn sweep_expired(&self, now: Instant) {
+        for shard in &self.shared.shards {
+            let mut inner = lock(shard);
+            if inner.next_expiry.is_some_and(|t| t <= now) {
+                self.shared.forget(inner.sweep(now));
+            }
+        }
+    }
+
+    /// The error for a claim refused because the store is full; counted, and logged at most
+    /// once every `WARN_EVERY`.
+    fn full(&self, now: Instant) -> StoreError {
+        let (entries, bytes) = (self.len(), self.bytes());
+        let max_entries = self.shared.max_entries.load(Relaxed);
+        let max_bytes = self.shared.max_bytes.load(Relaxed);
+        crate::metrics::count(crate::metrics::MEMORY_STORE_FULL);
+        if self.shared.warning_due(now) {
+            tracing::warn!(
+                entries,
+                bytes,
+                max_entries,
+                max_bytes,
+                "memory store full: new idempotency keys are refused until entries expire or are released"
+            );
+        }
+        StoreError::backend(format!(
+            "memory store full: {entries} entries / {bytes} bytes held, bounds {max_entries} / \
+             {max_bytes}; new keys are refused until entries expire or are released"
+        ))
+    }
+
     /// Replaces the entry of `key` in place (no key allocation) with `f(now)` if `lock` still
     /// owns it.
     fn replace_owned(&self, key: &str, lock: &Lock, f: impl FnOnce(Instant) -> Entry) -> bool {
@@ -200,10 +362,58 @@ impl MemoryStore {
         let mut inner = self.shard(key);
         match inner.get_mut(key) {
             Some(entry) if entry.is_owned_by(lock, now) => {
-                *entry = f(now);
+                let new = f(now);
+                let expires = new.expires();
+                self.shared.resize(entry.bytes(), new.bytes());
+                *entry = new;
+                inner.expires_by(expires);
                 true
             }
             _ => false,
+        }
+    }
+}
+
+impl Shared {
+    /// Counts in a new entry of `bytes`, unless that would pass a bound.
+    fn admit(&self, bytes: usize) -> bool {
+        let entries_before = self.entries.fetch_add(1, Relaxed);
+        let bytes_before = self.bytes.fetch_add(bytes, Relaxed);
+        if entries_before < self.max_entries.load(Relaxed)
+            && bytes_before.saturating_add(bytes) <= self.max_bytes.load(Relaxed)
+        {
+            return true;
+        }
+        self.forget((1, bytes));
+        false
+    }
+
+    /// Counts out removed entries: how many, and their bytes.
+    fn forget(&self, (entries, bytes): (usize, usize)) {
+        if entries > 0 {
+            self.entries.fetch_sub(entries, Relaxed);
+            self.bytes.fetch_sub(bytes, Relaxed);
+        }
+    }
+
+    /// Whether a "store full" warning may be logged at `now`: one every `WARN_EVERY` at most.
+    fn warning_due(&self, now: Instant) -> bool {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let now = ms(now.saturating_duration_since(self.created));
+        let due = self.next_warning.load(Relaxed);
+        let next = now.saturating_add(ms(WARN_EVERY));
+        now >= due
+            && (self.next_warning)
+                .compare_exchange(due, next, Relaxed, Relaxed)
+                .is_ok()
+    }
+
+    /// Counts an entry's change from `from` bytes to `to`.
+    fn resize(&self, from: usize, to: usize) {
+        if to > from {
+            self.bytes.fetch_add(to - from, Relaxed);
+        } else if from > to {
+            self.bytes.fetch_sub(from - to, Relaxed);
         }
     }
 }
@@ -246,27 +456,50 @@ impl Inner {
     }
 
     fn insert(&mut self, key: Key<'_>, entry: Entry) {
+        self.expires_by(entry.expires());
         match key {
             Key::Digest(n) => self.digests.insert(n, entry),
             Key::Named(name) => self.named.insert(name.into(), entry),
         };
     }
 
-    fn remove(&mut self, key: Key<'_>) {
+    fn remove(&mut self, key: Key<'_>) -> Option<Entry> {
         match key {
             Key::Digest(n) => self.digests.remove(&n),
             Key::Named(name) => self.named.remove(name),
-        };
+        }
     }
 
-    fn sweep_if_due(&mut self, now: Instant) {
+    /// Notes that an entry of the shard expires at `at`.
+    fn expires_by(&mut self, at: Instant) {
+        self.next_expiry = Some(self.next_expiry.map_or(at, |t| t.min(at)));
+    }
+
+    /// Counts a claim; whether the shard is now due for a sweep.
+    fn sweep_due(&mut self) -> bool {
         self.claims_since_sweep += 1;
-        if self.claims_since_sweep >= self.sweep_every.max(MIN_SWEEP_EVERY) {
-            self.digests.retain(|_, e| e.expires() > now);
-            self.named.retain(|_, e| e.expires() > now);
-            self.claims_since_sweep = 0;
-            self.sweep_every = self.len();
-        }
+        self.claims_since_sweep >= self.sweep_every.max(MIN_SWEEP_EVERY)
+    }
+
+    /// Removes the expired entries; returns how many, and their bytes.
+    fn sweep(&mut self, now: Instant) -> (usize, usize) {
+        let (mut entries, mut bytes, mut next_expiry) = (0, 0, None::<Instant>);
+        let mut keep = |e: &mut Entry| {
+            let expires = e.expires();
+            if expires > now {
+                next_expiry = Some(next_expiry.map_or(expires, |t| t.min(expires)));
+            } else {
+                entries += 1;
+                bytes += e.bytes();
+            }
+            expires > now
+        };
+        self.digests.retain(|_, e| keep(e));
+        self.named.retain(|_, e| keep(e));
+        self.claims_since_sweep = 0;
+        self.sweep_every = self.len();
+        self.next_expiry = next_expiry;
+        (entries, bytes)
     }
 }
 
@@ -274,30 +507,13 @@ impl IdempotencyStore for MemoryStore {
     async fn claim(&self, key: &str, lock: &Lock, lease: Duration) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let key = Key::of(key);
-        let mut inner = self.shard(key);
-        inner.sweep_if_due(now);
-        match inner.get(key) {
-            Some(Entry::Running {
-                fingerprint,
-                deadline,
-                ..
-            }) if *deadline > now => Ok(Claim::InFlight {
-                fingerprint: *fingerprint,
-                retry_after: *deadline - now,
-            }),
-            Some(Entry::Completed { record, expires }) if *expires > now => {
-                let record = record.clone();
-                drop(inner);
-                Ok(Claim::Completed(
-                    CompletedRecord::decode(record).map_err(StoreError::Corrupt)?,
-                ))
-            }
-            _ => {
-                let entry = Entry::running(lock, deadline(now, lease));
-                inner.insert(key, entry);
-                Ok(Claim::Acquired)
-            }
+        if let Some(claim) = self.try_claim(key, lock, lease, now) {
+            return claim;
         }
+        // Full: expired entries do not hold room, so sweep them all and try once more.
+        self.sweep_expired(now);
+        self.try_claim(key, lock, lease, now)
+            .unwrap_or_else(|| Err(self.full(now)))
     }
 
     async fn renew(&self, key: &str, lock: &Lock, lease: Duration) -> Result<bool, StoreError> {
@@ -323,8 +539,8 @@ impl IdempotencyStore for MemoryStore {
         let key = Key::of(key);
         let mut inner = self.shard(key);
         let owned = inner.get(key).is_some_and(|e| e.is_owned_by(lock, now));
-        if owned {
-            inner.remove(key);
+        if owned && let Some(released) = inner.remove(key) {
+            self.shared.forget((1, released.bytes()));
         }
         Ok(owned)
     }
@@ -372,6 +588,7 @@ mod tests {
                 SHARDS * 64
             );
         }
+        assert_counted(&store);
     }
 
     #[tokio::test(start_paused = true)]
@@ -401,6 +618,7 @@ mod tests {
         }
         // The old 100 are gone; the new ones are all live.
         assert_eq!(store.len(), claims);
+        assert_counted(&store);
     }
 
     #[test]
@@ -516,5 +734,223 @@ mod tests {
             Ok(Claim::Completed(stored)) => assert_eq!(stored, record),
             other => panic!("{other:?}"),
         }
+    }
+
+    const LEASE: Duration = Duration::from_secs(30);
+    const TTL: Duration = Duration::from_secs(60);
+
+    /// The counts match the entries the shards hold.
+    fn assert_counted(store: &MemoryStore) {
+        let (mut entries, mut bytes) = (0, 0);
+        for shard in &store.shared.shards {
+            let inner = lock(shard);
+            for entry in inner.digests.values().chain(inner.named.values()) {
+                entries += 1;
+                bytes += entry.bytes();
+            }
+        }
+        assert_eq!(
+            (store.len(), store.bytes()),
+            (entries, bytes),
+            "counted, held"
+        );
+    }
+
+    fn record(body: &'static [u8]) -> CompletedRecord {
+        let headers = http::HeaderMap::new();
+        CompletedRecord::new(
+            Fingerprint([0; 32]),
+            http::StatusCode::OK,
+            headers,
+            Bytes::from_static(body),
+            false,
+        )
+    }
+
+    async fn claim(store: &MemoryStore, key: &str) -> (Lock, Result<Claim, StoreError>) {
+        let lock = Lock::new(Fingerprint([0; 32]));
+        let claim = store.claim(key, &lock, LEASE).await;
+        (lock, claim)
+    }
+
+    async fn acquire(store: &MemoryStore, key: &str) -> Lock {
+        match claim(store, key).await {
+            (lock, Ok(Claim::Acquired)) => lock,
+            (_, other) => panic!("{key}: {other:?}"),
+        }
+    }
+
+    async fn assert_full(store: &MemoryStore, key: &str) {
+        match claim(store, key).await.1 {
+            Err(StoreError::Backend(err)) if err.to_string().starts_with("memory store full") => {}
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_store_refuses_new_keys_and_answers_held_ones() {
+        let store = MemoryStore::new().max_entries(4);
+        let mut locks = Vec::new();
+        for i in 0..4 {
+            locks.push(acquire(&store, &format!("k{i}")).await);
+        }
+        assert_full(&store, "k4").await;
+        assert_eq!(store.len(), 4);
+        // Keys the store holds are answered as usual.
+        assert!(matches!(
+            claim(&store, "k0").await.1,
+            Ok(Claim::InFlight { .. })
+        ));
+        let done = record(b"done");
+        assert!(store.complete("k1", &locks[1], &done, TTL).await.unwrap());
+        assert!(matches!(claim(&store, "k1").await.1, Ok(Claim::Completed(r)) if r == done));
+        // A release makes room for one new key.
+        assert!(store.release("k2", &locks[2]).await.unwrap());
+        acquire(&store, "k4").await;
+        assert_full(&store, "k5").await;
+        assert_counted(&store);
+        // Everything expired: the store is swept, whichever shards hold the old keys.
+        tokio::time::advance(TTL + Duration::from_secs(1)).await;
+        for i in 5..9 {
+            acquire(&store, &format!("k{i}")).await;
+        }
+        assert_full(&store, "k9").await;
+        assert_eq!(store.len(), 4);
+        assert_counted(&store);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_byte_bound_refuses_new_keys_but_stores_every_record() {
+        let record = record(&[b'x'; 1000]);
+        let size = record.encode().len();
+        let store = MemoryStore::new().max_bytes(2 * size + RUNNING_BYTES);
+        for key in ["a", "b"] {
+            let lock = acquire(&store, key).await;
+            assert!(store.complete(key, &lock, &record, TTL).await.unwrap());
+        }
+        assert_eq!(store.bytes(), 2 * size);
+        // Room for one running claim, not two.
+        let c = acquire(&store, "c").await;
+        assert_eq!(store.bytes(), 2 * size + RUNNING_BYTES);
+        assert_full(&store, "d").await;
+        // The running claim's record passes the bound, and is stored all the same.
+        assert!(store.complete("c", &c, &record, TTL).await.unwrap());
+        assert_eq!(store.bytes(), 3 * size);
+        assert!(matches!(claim(&store, "c").await.1, Ok(Claim::Completed(r)) if r == record));
+        assert_full(&store, "d").await;
+        assert_counted(&store);
+        let debug = format!("{store:?}");
+        assert!(debug.contains(&format!("bytes: {}", 3 * size)), "{debug}");
+        tokio::time::advance(TTL + Duration::from_secs(1)).await;
+        acquire(&store, "d").await;
+        assert_eq!((store.len(), store.bytes()), (1, RUNNING_BYTES));
+        assert_counted(&store);
+    }
+
+    /// Claims, renewals, completions, releases, expiry and replaced expired entries, counted
+    /// through several fills of the store.
+    #[tokio::test(start_paused = true)]
+    async fn counts_follow_every_change() {
+        let bound = 16;
+        let store = MemoryStore::new().max_entries(bound);
+        // Digest keys and named keys, as the store files them apart.
+        let key = |i: usize| match i % 2 {
+            0 => format!("{i:032x}"),
+            _ => format!("key-{i}"),
+        };
+        let done = record(b"done");
+        for round in 0..3 {
+            let base = round * 1000;
+            let mut locks = Vec::new();
+            for i in 0..bound {
+                locks.push(acquire(&store, &key(base + i)).await);
+            }
+            assert_full(&store, &key(base + bound)).await;
+            assert_counted(&store);
+            for (i, lock) in locks.iter().enumerate() {
+                assert!(store.renew(&key(base + i), lock, LEASE).await.unwrap());
+            }
+            // Half completed, half released.
+            for (i, lock) in locks.iter().enumerate() {
+                if i % 2 == 0 {
+                    assert!(
+                        store
+                            .complete(&key(base + i), lock, &done, TTL)
+                            .await
+                            .unwrap()
+                    );
+                } else {
+                    assert!(store.release(&key(base + i), lock).await.unwrap());
+                }
+            }
+            assert_eq!(store.len(), bound / 2);
+            assert_counted(&store);
+            // Fill again; the new claims lapse, and their keys are claimed anew in place.
+            for i in bound..bound + bound / 2 {
+                acquire(&store, &key(base + i)).await;
+            }
+            assert_full(&store, &key(base + 2 * bound)).await;
+            tokio::time::advance(LEASE + Duration::from_secs(1)).await;
+            let mut locks = Vec::new();
+            for i in bound..bound + bound / 2 {
+                locks.push(acquire(&store, &key(base + i)).await);
+            }
+            assert_eq!(store.len(), bound);
+            assert_counted(&store);
+            for (i, lock) in (bound..).zip(&locks) {
+                assert!(store.release(&key(base + i), lock).await.unwrap());
+            }
+            // The completed records expire and are swept as the store fills up.
+            tokio::time::advance(TTL).await;
+            assert_eq!(store.len(), bound / 2);
+            for i in 0..bound {
+                acquire(&store, &key(base + 500 + i)).await;
+            }
+            assert_counted(&store);
+            // Empty for the next round.
+            tokio::time::advance(LEASE + Duration::from_secs(1)).await;
+            store.sweep_expired(Instant::now());
+            assert_eq!((store.len(), store.bytes()), (0, 0));
+        }
+    }
+
+    /// Concurrent claims never take the store past its bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_claims_stay_within_the_bound() {
+        let bound = 100;
+        let store = MemoryStore::new().max_entries(bound);
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut acquired = 0;
+                    for i in 0..100 {
+                        if let (_, Ok(Claim::Acquired)) = claim(&store, &format!("{t}-{i}")).await {
+                            acquired += 1;
+                        }
+                    }
+                    acquired
+                })
+            })
+            .collect();
+        let mut acquired = 0;
+        for task in tasks {
+            acquired += task.await.unwrap();
+        }
+        assert!((1..=bound).contains(&acquired), "{acquired}");
+        assert_eq!(store.len(), acquired);
+        assert_counted(&store);
+    }
+
+    #[tokio::test]
+    async fn the_full_warning_is_due_once_a_second() {
+        let store = MemoryStore::new();
+        let shared = &store.shared;
+        let start = shared.created;
+        assert!(shared.warning_due(start));
+        assert!(!shared.warning_due(start));
+        assert!(!shared.warning_due(start + WARN_EVERY - Duration::from_millis(1)));
+        assert!(shared.warning_due(start + WARN_EVERY));
+        assert!(!shared.warning_due(start + WARN_EVERY));
     }
 }
