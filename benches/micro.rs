@@ -59,10 +59,10 @@ fn record(body: usize) -> CompletedRecord {
     CompletedRecord::new(
         Fingerprint::from_bytes([7; 32]),
         StatusCode::CREATED,
-        headers,
-        Bytes::from(vec![b'x'; body]),
-        false,
+        std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
     )
+    .with_headers(headers)
+    .with_body(Bytes::from(vec![b'x'; body]))
 }
 
 fn records(c: &mut Criterion) {

@@ -248,8 +248,10 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// Sets how many requests may wait for in-flight duplicates at once, per layer; a duplicate
-    /// beyond this answers `409` at once. Bounds the memory and store load of a duplicate storm.
+    /// Sets how many requests may wait for in-flight duplicates at once; a duplicate beyond this
+    /// answers `409` at once. Bounds the memory and store load of a duplicate storm. The limit is
+    /// shared by the layer, its clones and every service they make (all routes a layer is
+    /// applied to); calling this again gives the layer a limit of its own.
     ///
     /// Defaults to 1024.
     pub fn max_waiters(mut self, max: usize) -> Self {

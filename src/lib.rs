@@ -123,6 +123,8 @@
 //! - `cache`: [`LocalCache`], an in-process cache of completed records for hot replays.
 //! - `metrics`: counters and histograms through the `metrics` facade; names in [`metrics`].
 //! - `json` (default): [`KeySource::json_field`], keys read from a JSON body (Stripe events).
+//! - `conformance`: [`conformance`] and [`store_conformance_tests!`], the kit that checks a store
+//!   against the [`IdempotencyStore`] contract.
 //!
 //! # Tracing
 //!
@@ -141,8 +143,11 @@
 mod body;
 #[cfg(feature = "cache")]
 mod cache;
+#[cfg(any(feature = "redis", feature = "cache"))]
 mod clock;
 mod config;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod detached;
 #[cfg(feature = "axum")]
 mod extract;
@@ -175,5 +180,5 @@ pub use service::{IDEMPOTENT_REPLAYED, Idempotency, ResponseFuture};
 pub use source::KeySource;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "redis")]
-pub use store::redis::{Fencing, RedisStore};
-pub use store::{Claim, IdempotencyStore, Lock, StoreError};
+pub use store::redis::{Fencing, RedisStore, RedisToken};
+pub use store::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};

@@ -19,6 +19,7 @@
 //! ```
 
 use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -54,34 +55,49 @@ pub struct CompletedRecord {
     /// The original body was larger than the layer's response limit and was not stored: the
     /// replay carries the original status and headers with an empty body.
     pub body_omitted: bool,
-    /// When the record expires, in milliseconds since the Unix epoch (0: unknown). Set by the
-    /// layer when it completes a request; used to bound how long a local cache may keep it.
-    pub expires_at_ms: u64,
+    /// When the record expires (to the millisecond). Set by the layer when it completes a
+    /// request; a store must keep it with the record, since the local cache bounds how long it
+    /// keeps a record by it.
+    pub expires_at: SystemTime,
 }
 
 impl CompletedRecord {
-    /// Creates a record.
-    pub fn new(
-        fingerprint: Fingerprint,
-        status: StatusCode,
-        headers: HeaderMap,
-        body: Bytes,
-        body_omitted: bool,
-    ) -> Self {
+    /// A record of a response with `status`, no headers and an empty body, expiring at
+    /// `expires_at` (kept to the millisecond).
+    pub fn new(fingerprint: Fingerprint, status: StatusCode, expires_at: SystemTime) -> Self {
         Self {
             fingerprint,
             status,
-            headers,
-            body,
-            body_omitted,
-            expires_at_ms: 0,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            body_omitted: false,
+            expires_at: from_unix_ms(unix_ms_of(expires_at)),
         }
     }
 
-    /// Sets [`expires_at_ms`](Self::expires_at_ms).
-    pub fn with_expiry(mut self, expires_at_ms: u64) -> Self {
-        self.expires_at_ms = expires_at_ms;
+    /// Sets the headers.
+    pub fn with_headers(mut self, headers: HeaderMap) -> Self {
+        self.headers = headers;
         self
+    }
+
+    /// Sets the body.
+    pub fn with_body(mut self, body: Bytes) -> Self {
+        self.body = body;
+        self
+    }
+
+    /// Marks the body as not stored (it was over the response limit): the body is emptied and
+    /// [`body_omitted`](Self::body_omitted) set.
+    pub fn with_body_omitted(mut self) -> Self {
+        self.body = Bytes::new();
+        self.body_omitted = true;
+        self
+    }
+
+    /// [`expires_at`](Self::expires_at) in milliseconds since the Unix epoch.
+    pub(crate) fn expires_at_ms(&self) -> u64 {
+        unix_ms_of(self.expires_at)
     }
 
     /// The size of [`encode`](Self::encode)'s output, without encoding.
@@ -112,7 +128,7 @@ impl CompletedRecord {
         } else {
             0
         });
-        out.extend_from_slice(&self.expires_at_ms.to_le_bytes());
+        out.extend_from_slice(&self.expires_at_ms().to_le_bytes());
         out.extend_from_slice(&self.status.as_u16().to_le_bytes());
         // A map holds up to 32,768 names but any number of values under them: counts from
         // 0xFFFF up are escaped.
@@ -188,7 +204,7 @@ impl CompletedRecord {
             headers,
             body,
             body_omitted,
-            expires_at_ms,
+            expires_at: from_unix_ms(expires_at_ms),
         })
     }
 }
@@ -268,6 +284,18 @@ mod running {
 }
 #[cfg(feature = "redis")]
 pub(crate) use running::{RunningRecord, Stored};
+
+/// Milliseconds since the Unix epoch (0 before it).
+fn unix_ms_of(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH
+        .checked_add(Duration::from_millis(ms))
+        .unwrap_or(UNIX_EPOCH)
+}
 
 /// A stored value that is not a record this crate wrote (corrupted, truncated, another version).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,11 +385,10 @@ mod tests {
         CompletedRecord::new(
             Fingerprint([7; 32]),
             StatusCode::CREATED,
-            headers,
-            Bytes::from_static(b"{\"ok\":true}"),
-            false,
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_800_000_000_000),
         )
-        .with_expiry(1_800_000_000_000)
+        .with_headers(headers)
+        .with_body(Bytes::from_static(b"{\"ok\":true}"))
     }
 
     #[test]
@@ -376,10 +403,9 @@ mod tests {
         let rec = CompletedRecord::new(
             Fingerprint([1; 32]),
             StatusCode::OK,
-            headers,
-            Bytes::new(),
-            false,
-        );
+            std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
+        )
+        .with_headers(headers);
         let back = CompletedRecord::decode(Bytes::from(rec.encode())).unwrap();
         assert_eq!(back, rec);
     }
@@ -539,10 +565,10 @@ mod tests {
             let record = CompletedRecord::new(
                 Fingerprint([3; 32]),
                 StatusCode::OK,
-                headers,
-                Bytes::from_static(b"body"),
-                false,
-            );
+                std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
+            )
+            .with_headers(headers)
+            .with_body(Bytes::from_static(b"body"));
             let encoded = record.encode();
             assert_eq!(encoded.len(), record.encoded_len(), "{values}");
             let decoded = CompletedRecord::decode(Bytes::from(encoded)).unwrap();

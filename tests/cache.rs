@@ -13,41 +13,10 @@ use axum::http::{Request, StatusCode};
 use axum::routing::post;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_idempotency::{
-    Claim, CompletedRecord, IdempotencyLayer, IdempotencyStore, LocalCache, Lock, MemoryStore,
-    RedisStore, StoreError,
-};
+use tower_idempotency::{IdempotencyLayer, IdempotencyStore, LocalCache, MemoryStore, RedisStore};
 
+use common::stub::{Op, Stub};
 use common::{TestRedis, unique_prefix};
-
-/// Counts the claims that reach the wrapped store.
-#[derive(Clone)]
-struct Counting<St> {
-    inner: St,
-    claims: Arc<AtomicUsize>,
-}
-
-impl<St: IdempotencyStore> IdempotencyStore for Counting<St> {
-    async fn claim(&self, key: &str, lock: &Lock, lease: Duration) -> Result<Claim, StoreError> {
-        self.claims.fetch_add(1, Ordering::SeqCst);
-        self.inner.claim(key, lock, lease).await
-    }
-    async fn renew(&self, key: &str, lock: &Lock, lease: Duration) -> Result<bool, StoreError> {
-        self.inner.renew(key, lock, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        lock: &Lock,
-        record: &CompletedRecord,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.complete(key, lock, record, ttl).await
-    }
-    async fn release(&self, key: &str, lock: &Lock) -> Result<bool, StoreError> {
-        self.inner.release(key, lock).await
-    }
-}
 
 fn app<St: IdempotencyStore>(layer: IdempotencyLayer<St>, runs: &Arc<AtomicUsize>) -> Router {
     let runs = runs.clone();
@@ -85,15 +54,11 @@ async fn send(app: &Router, key: &str, body: &'static str) -> (StatusCode, bool,
 }
 
 async fn replays_from_cache_without_store_round_trips<St: IdempotencyStore>(store: St) {
-    let claims = Arc::new(AtomicUsize::new(0));
-    let store = Counting {
-        inner: store,
-        claims: claims.clone(),
-    };
+    let store = Stub::new(store);
     let runs = Arc::new(AtomicUsize::new(0));
     let cache = LocalCache::new(100, 1 << 20);
     let app = app(
-        IdempotencyLayer::new(store).local_cache(cache.clone()),
+        IdempotencyLayer::new(store.clone()).local_cache(cache.clone()),
         &runs,
     );
     assert_eq!(
@@ -106,17 +71,13 @@ async fn replays_from_cache_without_store_round_trips<St: IdempotencyStore>(stor
             (StatusCode::OK, true, "run 1".into())
         );
     }
-    assert_eq!(
-        claims.load(Ordering::SeqCst),
-        1,
-        "replays went to the store"
-    );
+    assert_eq!(store.calls(Op::Claim), 1, "replays went to the store");
     // A different payload under the cached key is still refused, from the cache.
     assert_eq!(
         send(&app, "hot", "y").await.0,
         StatusCode::UNPROCESSABLE_ENTITY
     );
-    assert_eq!(claims.load(Ordering::SeqCst), 1);
+    assert_eq!(store.calls(Op::Claim), 1);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     // The first response and the cached replay both carry the handler's headers.
     for replayed in [false, true] {
@@ -155,22 +116,18 @@ async fn redis_replays_from_cache_without_store_round_trips() {
 #[tokio::test]
 async fn records_completed_elsewhere_are_cached_on_first_replay() {
     let store = MemoryStore::new();
-    let claims = Arc::new(AtomicUsize::new(0));
+    let counted = Stub::new(store.clone());
     let runs = Arc::new(AtomicUsize::new(0));
-    let other = app(IdempotencyLayer::new(store.clone()), &runs);
+    let other = app(IdempotencyLayer::new(store), &runs);
     let cached = app(
-        IdempotencyLayer::new(Counting {
-            inner: store,
-            claims: claims.clone(),
-        })
-        .local_cache(LocalCache::new(100, 1 << 20)),
+        IdempotencyLayer::new(counted.clone()).local_cache(LocalCache::new(100, 1 << 20)),
         &runs,
     );
     send(&other, "elsewhere", "x").await;
     for _ in 0..5 {
         assert!(send(&cached, "elsewhere", "x").await.1);
     }
-    assert_eq!(claims.load(Ordering::SeqCst), 1);
+    assert_eq!(counted.calls(Op::Claim), 1);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 

@@ -3,6 +3,8 @@
 //! detached (tests/layer.rs, client_disconnect_does_not_cancel_or_rerun); a panic in the
 //! protected path unwinds once and its future is never polled again.
 
+mod common;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,10 +13,9 @@ use std::time::Duration;
 use axum::body::Body;
 use http::{Request, Response, StatusCode};
 use tower::{Layer, Service, ServiceExt};
-use tower_idempotency::{
-    Claim, CompletedRecord, IdempotencyLayer, IdempotencyStore, KeySource, Lock, MemoryStore,
-    StoreError,
-};
+use tower_idempotency::{IdempotencyLayer, KeySource, MemoryStore};
+
+use common::stub::{Fault, Op, Stub};
 
 fn request(key: &str) -> Request<Body> {
     Request::post("/pay")
@@ -54,32 +55,6 @@ async fn a_future_dropped_unpolled_runs_nothing_and_holds_nothing() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
-/// A store whose `complete` panics (after the handler ran, outside the handler's own panic
-/// guard).
-#[derive(Clone, Debug)]
-struct PanickingStore;
-
-impl IdempotencyStore for PanickingStore {
-    async fn claim(&self, _: &str, _: &Lock, _: Duration) -> Result<Claim, StoreError> {
-        Ok(Claim::Acquired)
-    }
-    async fn renew(&self, _: &str, _: &Lock, _: Duration) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-    async fn complete(
-        &self,
-        _: &str,
-        _: &Lock,
-        _: &CompletedRecord,
-        _: Duration,
-    ) -> Result<bool, StoreError> {
-        panic!("the store fails")
-    }
-    async fn release(&self, _: &str, _: &Lock) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-}
-
 /// A panic in the protected path unwinds once, and the dropped future is not handed on to be
 /// polled again: neither where the layer calls the handler unprotected (no key in the body,
 /// keys not required) nor in the owner's part, which is detached when dropped unfinished.
@@ -114,7 +89,8 @@ async fn a_panicking_future_is_not_polled_again() {
     let handler = tower::service_fn(|_req: Request<Body>| async move {
         Ok::<_, Infallible>(Response::new(Body::from("done")))
     });
-    let mut service = IdempotencyLayer::new(PanickingStore).layer(handler);
+    let mut service =
+        IdempotencyLayer::new(Stub::memory().with(Op::Complete, Fault::Panic)).layer(handler);
     let future = service.ready().await.unwrap().call(request("k"));
     let joined = tokio::spawn(future).await;
     assert!(joined.is_err_and(|e| e.is_panic()));

@@ -36,12 +36,8 @@
 //! it can time out and be refused too, so the test does not assert that none is.
 
 mod common;
-#[path = "common/conformance.rs"]
-#[macro_use]
-mod conformance;
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,12 +50,10 @@ use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use redis::cluster_async::ClusterConnection;
 use tower::ServiceExt;
-use tower_idempotency::{
-    Claim, CompletedRecord, IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore, Lock,
-    MemoryStore, RedisStore, StoreError,
-};
+use tower_idempotency::{IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore, RedisStore};
 
 use common::cluster::{NODE_TIMEOUT, RedisCluster};
+use common::stub::Stub;
 use common::{bounded, unique_prefix};
 
 type ClusterStore = RedisStore<ClusterConnection>;
@@ -80,25 +74,22 @@ async fn cluster_store(cluster: &RedisCluster, prefix: &str) -> ClusterStore {
 // The conformance suite.
 // ---------------------------------------------------------------------------------------------
 
-macro_rules! conformance {
-    ([$($case:ident),* $(,)?]) => {
-        mod conformance_suite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    // The guard keeps the cluster alive until the test ends.
-                    let cluster = super::start_cluster();
-                    let prefix =
-                        super::unique_prefix(concat!("cluster:", stringify!($case)));
-                    let store = super::cluster_store(&cluster, &prefix).await;
-                    super::conformance::$case(store).await;
-                }
-            )*
-        }
-    };
+/// Every case on a cluster of its own; the guard keeps it alive until the test ends.
+async fn conformance_store(
+    test: &'static str,
+) -> (
+    tower_idempotency::RedisStore<redis::cluster_async::ClusterConnection>,
+    RedisCluster,
+) {
+    let cluster = start_cluster();
+    let prefix = unique_prefix(&format!("cluster:{test}"));
+    let store = cluster_store(&cluster, &prefix).await;
+    (store, cluster)
 }
 
-with_conformance_cases!(conformance!());
+mod conformance_suite {
+    tower_idempotency::store_conformance_tests!(super::conformance_store);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -195,88 +186,17 @@ async fn send(app: &Router, key: &str) -> Reply {
     }
 }
 
-/// A store that records the keys it is asked to claim, and when each completion was acknowledged
-/// by the store underneath.
-#[derive(Clone)]
-struct Spy<S> {
-    inner: S,
-    claimed: Arc<Mutex<Vec<String>>>,
-    completed: Arc<Mutex<HashMap<String, Instant>>>,
-}
-
-impl<S> Spy<S> {
-    fn new(inner: S) -> Self {
-        Self {
-            inner,
-            claimed: Arc::default(),
-            completed: Arc::default(),
-        }
-    }
-
-    fn completed_at(&self, scoped: &str) -> Option<Instant> {
-        self.completed.lock().unwrap().get(scoped).copied()
-    }
-}
-
-impl<S: IdempotencyStore> IdempotencyStore for Spy<S> {
-    fn claim(
-        &self,
-        key: &str,
-        lock: &Lock,
-        lease: Duration,
-    ) -> impl Future<Output = Result<Claim, StoreError>> + Send {
-        self.claimed.lock().unwrap().push(key.to_owned());
-        self.inner.claim(key, lock, lease)
-    }
-
-    fn renew(
-        &self,
-        key: &str,
-        lock: &Lock,
-        lease: Duration,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        self.inner.renew(key, lock, lease)
-    }
-
-    fn complete(
-        &self,
-        key: &str,
-        lock: &Lock,
-        record: &CompletedRecord,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        let completed = self.completed.clone();
-        let scoped = key.to_owned();
-        let done = self.inner.complete(key, lock, record, ttl);
-        async move {
-            let result = done.await;
-            if matches!(result, Ok(true)) {
-                completed.lock().unwrap().insert(scoped, Instant::now());
-            }
-            result
-        }
-    }
-
-    fn release(
-        &self,
-        key: &str,
-        lock: &Lock,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        self.inner.release(key, lock)
-    }
-}
-
 /// The scoped key the layer hands the store for an idempotency key on `/pay`, learned by sending
 /// the request through the same router over an in-memory store (the derivation depends only on
 /// the route, the scope and the key).
 struct ScopedKeys {
     app: Router,
-    spy: Spy<MemoryStore>,
+    spy: Stub,
 }
 
 impl ScopedKeys {
     fn new() -> Self {
-        let spy = Spy::new(MemoryStore::new());
+        let spy = Stub::memory();
         let app = router(
             IdempotencyLayer::new(spy.clone()),
             &Executions::default(),
@@ -287,7 +207,7 @@ impl ScopedKeys {
 
     async fn of(&self, key: &str) -> String {
         send(&self.app, key).await;
-        self.spy.claimed.lock().unwrap().last().cloned().unwrap()
+        self.spy.claimed().last().cloned().unwrap()
     }
 }
 
@@ -500,7 +420,7 @@ async fn master_failover_gives_503_during_and_correct_behaviour_after() {
     let mut cluster = start_cluster();
     let prefix = unique_prefix("cluster:failover");
     let store = cluster_store(&cluster, &prefix).await;
-    let spy = Spy::new(store.clone());
+    let spy = Stub::new(store.clone());
     let runs = Executions::default();
     // The default lease (30 s) outlasts the test: a key whose claim reached Redis but whose
     // request failed stays locked (409) rather than running again.

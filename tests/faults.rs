@@ -1339,9 +1339,7 @@ fn header_count_offset() -> usize {
     let empty = tower_idempotency::CompletedRecord::new(
         tower_idempotency::Fingerprint::from_bytes([0; 32]),
         StatusCode::OK,
-        HeaderMap::new(),
-        Bytes::new(),
-        false,
+        std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
     );
     empty.encode().len() - 2
 }

@@ -14,10 +14,10 @@ use axum::routing::post;
 use http_body_util::BodyExt;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_idempotency::{
-    Claim, CompletedRecord, IdempotencyLayer, IdempotencyStore, Lock, MemoryStore, RedisStore,
-    RejectionKind, StoreError,
+    IdempotencyLayer, IdempotencyStore, MemoryStore, RedisStore, RejectionKind,
 };
 
+use common::stub::{Fault, Op, Stub};
 use common::{RedisServer, TestRedis, unique_prefix};
 
 fn counting_router<St: IdempotencyStore>(
@@ -137,36 +137,12 @@ async fn fail_open_runs_the_handler_when_redis_is_down() {
     }
 }
 
-/// A store whose every operation hangs.
-#[derive(Clone)]
-struct HangingStore;
-
-impl IdempotencyStore for HangingStore {
-    async fn claim(&self, _: &str, _: &Lock, _: Duration) -> Result<Claim, StoreError> {
-        std::future::pending().await
-    }
-    async fn renew(&self, _: &str, _: &Lock, _: Duration) -> Result<bool, StoreError> {
-        std::future::pending().await
-    }
-    async fn complete(
-        &self,
-        _: &str,
-        _: &Lock,
-        _: &CompletedRecord,
-        _: Duration,
-    ) -> Result<bool, StoreError> {
-        std::future::pending().await
-    }
-    async fn release(&self, _: &str, _: &Lock) -> Result<bool, StoreError> {
-        std::future::pending().await
-    }
-}
-
 #[tokio::test]
 async fn store_timeout_bounds_every_request() {
     let runs = Arc::new(AtomicUsize::new(0));
     let app = counting_router(
-        IdempotencyLayer::new(HangingStore).store_timeout(Duration::from_millis(200)),
+        IdempotencyLayer::new(Stub::memory().with(Op::Claim, Fault::Hang))
+            .store_timeout(Duration::from_millis(200)),
         &runs,
     );
     let started = Instant::now();

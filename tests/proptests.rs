@@ -141,30 +141,33 @@ fn record() -> impl Strategy<Value = CompletedRecord> {
             for (name, value) in pairs {
                 headers.append(name, value); // repeated names keep every value, in order
             }
-            CompletedRecord::new(
+            let record = CompletedRecord::new(
                 Fingerprint::from_bytes(fingerprint),
                 StatusCode::from_u16(status).unwrap(),
-                headers,
-                if omitted {
-                    Bytes::new()
-                } else {
-                    Bytes::from(body)
-                },
-                omitted,
+                std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
             )
+            .with_headers(headers);
+            if omitted {
+                record.with_body_omitted()
+            } else {
+                record.with_body(Bytes::from(body))
+            }
         })
 }
 
 /// The encoding of a record without headers or body: its fixed head, which ends with the
 /// header count (so this stays true whatever fields the head holds before it).
 fn head_of(fingerprint: [u8; 32], status: u16, omitted: bool) -> Vec<u8> {
-    CompletedRecord::new(
+    let record = CompletedRecord::new(
         Fingerprint::from_bytes(fingerprint),
         StatusCode::from_u16(status).unwrap(),
-        HeaderMap::new(),
-        Bytes::new(),
-        omitted,
-    )
+        std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
+    );
+    if omitted {
+        record.with_body_omitted()
+    } else {
+        record
+    }
     .encode()
 }
 

@@ -1,56 +1,39 @@
 //! One conformance suite for every `IdempotencyStore`: the claim/renew/complete/release state
 //! machine, fencing by owner token, leases and record TTLs, and record round trips.
 //!
-//! The suite is written once (generic async functions in `common/conformance.rs`, shared with the
-//! Redis Cluster tests) and instantiated by `conformance!` for `MemoryStore`, `RedisStore` with
-//! the native `SET .. NX GET` claim, and `RedisStore` with the Lua claim. Redis-specific behaviour
+//! The suite is the crate's conformance kit (feature `conformance`), run here through its public
+//! entry, `store_conformance_tests!`, as a store written elsewhere would run it: for
+//! `MemoryStore`, `RedisStore` with the native `SET .. NX GET` claim, with the Lua claim, and
+//! with script fencing. Redis-specific behaviour
 //! (corrupt values, TTLs on the server, key layout, the two claim paths sharing a prefix) is
 //! tested below the suite.
 
 mod common;
-#[path = "common/conformance.rs"]
-#[macro_use]
-mod conformance;
 
 use std::time::Duration;
 
 use http::StatusCode;
-use tower_idempotency::{Fencing, IdempotencyStore, Lock, MemoryStore, RedisStore, StoreError};
+use tower_idempotency::conformance::*;
+use tower_idempotency::{Attempt, Fenced, Fencing, IdempotencyStore, RedisStore, StoreError};
 
 use common::{TestRedis, unique_prefix};
-use conformance::*;
 
 // ---------------------------------------------------------------------------------------------
 // Instantiation.
 // ---------------------------------------------------------------------------------------------
 
-async fn memory_store(_test: &str) -> (Option<TestRedis>, MemoryStore) {
-    (None, MemoryStore::new())
-}
-
-/// A Redis store under the test's own prefix, configured by `configure`.
+/// A Redis store under the test's own prefix, configured by `configure`, with the guard that
+/// keeps a spawned server alive until the test ends.
 async fn redis_store(
     test: &str,
     configure: fn(RedisStore) -> RedisStore,
-) -> (Option<TestRedis>, RedisStore) {
+) -> (RedisStore, TestRedis) {
     let redis = TestRedis::get();
     let store = RedisStore::new(redis.client())
         .await
         .unwrap()
         .key_prefix(unique_prefix(test));
-    (Some(redis), configure(store))
-}
-
-async fn redis_native(test: &str) -> (Option<TestRedis>, RedisStore) {
-    redis_store(test, |store| store).await
-}
-
-async fn redis_script(test: &str) -> (Option<TestRedis>, RedisStore) {
-    redis_store(test, |store| store.claim_with_script(true)).await
-}
-
-async fn redis_script_fence(test: &str) -> (Option<TestRedis>, RedisStore) {
-    redis_store(test, |store| store.fence_with_script(true)).await
+    (configure(store), redis)
 }
 
 /// A Redis store on `prefix`, shared with other stores of the same test.
@@ -67,29 +50,27 @@ async fn native_and_script(redis: &TestRedis, prefix: &str) -> (RedisStore, Redi
     (store_on(redis, prefix).await, script)
 }
 
-macro_rules! conformance {
-    ($module:ident, $make:path) => {
-        with_conformance_cases!(conformance!(@cases $module, $make,));
-    };
-    (@cases $module:ident, $make:path, [$($case:ident),* $(,)?]) => {
-        mod $module {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    // The guard keeps a spawned redis-server alive until the test ends.
-                    let (_redis, store) =
-                        $make(concat!(stringify!($module), ":", stringify!($case))).await;
-                    super::$case(store).await;
-                }
-            )*
-        }
-    };
+mod memory {
+    tower_idempotency::store_conformance_tests!(|_test| async {
+        (tower_idempotency::MemoryStore::new(), ())
+    });
 }
 
-conformance!(memory, super::memory_store);
-conformance!(redis_native_claim, super::redis_native);
-conformance!(redis_script_claim, super::redis_script);
-conformance!(redis_script_fence, super::redis_script_fence);
+mod redis_native_claim {
+    tower_idempotency::store_conformance_tests!(|test| super::redis_store(test, |store| store));
+}
+
+mod redis_script_claim {
+    tower_idempotency::store_conformance_tests!(|test| super::redis_store(test, |store| {
+        store.claim_with_script(true)
+    }));
+}
+
+mod redis_script_fence {
+    tower_idempotency::store_conformance_tests!(|test| super::redis_store(test, |store| {
+        store.fence_with_script(true)
+    }));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Redis only.
@@ -117,6 +98,10 @@ async fn redis_corrupt_value_is_an_error_and_left_alone() {
     let mut conn = connection(&redis).await;
     let prefix = unique_prefix("corrupt");
     let (native, script) = native_and_script(&redis, &prefix).await;
+    // Tokens of claims on other keys: fenced operations on garbage find no claim of theirs.
+    let holder = Attempt::new(fp(2));
+    let native_token = expect_acquired(&native, "held-native", &holder, LONG, "native").await;
+    let script_token = expect_acquired(&script, "held-script", &holder, LONG, "script").await;
 
     let mut truncated_done = rich_record(fp(1), b"body").encode();
     truncated_done.truncate(20);
@@ -129,7 +114,10 @@ async fn redis_corrupt_value_is_an_error_and_left_alone() {
         &truncated_done,
     ];
     for (i, value) in garbage.iter().enumerate() {
-        for (name, store) in [("native", &native), ("script", &script)] {
+        for (name, store, token) in [
+            ("native", &native, &native_token),
+            ("script", &script, &script_token),
+        ] {
             let key = format!("garbage-{name}-{i}");
             let redis_key = store.redis_key(&key);
             let _: () = redis::cmd("SET")
@@ -139,17 +127,21 @@ async fn redis_corrupt_value_is_an_error_and_left_alone() {
                 .await
                 .unwrap();
 
-            let lock = Lock::new(fp(2));
-            let res = store.claim(&key, &lock, LONG).await;
+            let res = store.claim(&key, &holder, LONG).await;
             assert!(
                 matches!(res, Err(StoreError::Corrupt(_))),
                 "{name} claim of {value:?}: {res:?}"
             );
             // Fenced operations do not own garbage either.
             let record = plain_record(fp(2), StatusCode::OK, b"over");
-            assert!(!store.complete(&key, &lock, &record, LONG).await.unwrap());
-            assert!(!store.renew(&key, &lock, LONG).await.unwrap());
-            assert!(!store.release(&key, &lock).await.unwrap());
+            let fenced = store.complete(&key, token, &record, LONG).await.unwrap();
+            assert_eq!(fenced, Fenced::NotOwner);
+            let fenced = store.renew(&key, &mut token.clone(), LONG).await.unwrap();
+            assert_eq!(fenced, Fenced::NotOwner);
+            assert_eq!(
+                store.release(&key, &holder).await.unwrap(),
+                Fenced::NotOwner
+            );
 
             assert_eq!(
                 get_raw(&mut conn, &redis_key).await.as_deref(),
@@ -179,15 +171,20 @@ async fn redis_ttls_follow_lease_and_record_ttl() {
     for (name, store) in [("native", &native), ("script", &script)] {
         let key = format!("ttl-{name}");
         let redis_key = store.redis_key(&key);
-        let lock = Lock::new(fp(3));
-        expect_acquired(store, &key, &lock, lease, name).await;
+        let mut token = expect_acquired(store, &key, &Attempt::new(fp(3)), lease, name).await;
         let t = pttl(&mut conn, &redis_key).await;
         assert!(
             t > ms(lease) - 1000 && t <= ms(lease),
             "{name}: PTTL after claim {t}"
         );
 
-        assert!(store.renew(&key, &lock, renewed).await.unwrap());
+        assert!(
+            store
+                .renew(&key, &mut token, renewed)
+                .await
+                .unwrap()
+                .applied()
+        );
         let t = pttl(&mut conn, &redis_key).await;
         assert!(
             t > ms(renewed) - 1000 && t <= ms(renewed),
@@ -195,7 +192,13 @@ async fn redis_ttls_follow_lease_and_record_ttl() {
         );
 
         let record = rich_record(fp(3), b"ttl");
-        assert!(store.complete(&key, &lock, &record, ttl).await.unwrap());
+        assert!(
+            store
+                .complete(&key, &token, &record, ttl)
+                .await
+                .unwrap()
+                .applied()
+        );
         let t = pttl(&mut conn, &redis_key).await;
         assert!(
             t > ms(ttl) - 1000 && t <= ms(ttl),
@@ -225,26 +228,33 @@ async fn redis_native_and_script_claims_interoperate() {
     ] {
         let what = format!("{first_name} then {second_name}");
         let key = format!("interop-{first_name}");
-        let lock = Lock::new(fp(4));
-        expect_acquired(first, &key, &lock, LONG, &what).await;
+        let token = expect_acquired(first, &key, &Attempt::new(fp(4)), LONG, &what).await;
         let (holder, retry_after) = expect_in_flight(second, &key, &what).await;
         assert_eq!(holder, fp(4), "{what}");
         assert!(retry_after > LONG / 2 && retry_after <= LONG, "{what}");
 
         // The owner may finish through either configuration.
         let record = rich_record(fp(4), b"interop");
-        assert!(second.complete(&key, &lock, &record, LONG).await.unwrap());
+        assert!(
+            second
+                .complete(&key, &token, &record, LONG)
+                .await
+                .unwrap()
+                .applied()
+        );
         let got = expect_completed(first, &key, &what).await;
         assert_record_eq(&got, &record, &what);
         let got = expect_completed(second, &key, &what).await;
         assert_record_eq(&got, &record, &what);
 
         let key = format!("interop-release-{first_name}");
-        let lock = Lock::new(fp(5));
-        expect_acquired(first, &key, &lock, LONG, &what).await;
-        assert!(second.release(&key, &lock).await.unwrap(), "{what}");
-        let lock = Lock::new(fp(6));
-        expect_acquired(second, &key, &lock, LONG, &what).await;
+        let attempt = Attempt::new(fp(5));
+        expect_acquired(first, &key, &attempt, LONG, &what).await;
+        assert!(
+            second.release(&key, &attempt).await.unwrap().applied(),
+            "{what}"
+        );
+        expect_acquired(second, &key, &Attempt::new(fp(6)), LONG, &what).await;
         let (holder, _) = expect_in_flight(first, &key, &what).await;
         assert_eq!(holder, fp(6), "{what}");
     }
@@ -299,15 +309,19 @@ async fn redis_fencing_follows_the_server() {
     // that its first complete starts has answered.
     let from_connection = RedisStore::from_connection(connection(&redis).await).key_prefix(&prefix);
     assert_eq!(from_connection.fencing(), Fencing::Undecided);
-    let lock = Lock::new(fp(7));
-    expect_acquired(&from_connection, "first", &lock, LONG, "claim").await;
+    let token = expect_acquired(
+        &from_connection,
+        "first",
+        &Attempt::new(fp(7)),
+        LONG,
+        "claim",
+    )
+    .await;
     let record = rich_record(fp(7), b"fenced");
-    assert!(
-        from_connection
-            .complete("first", &lock, &record, LONG)
-            .await
-            .unwrap()
-    );
+    let fenced = from_connection
+        .complete("first", &token, &record, LONG)
+        .await;
+    assert_eq!(fenced.unwrap(), Fenced::Applied);
     let probed = tokio::time::Instant::now() + Duration::from_secs(5);
     while from_connection.fencing() == Fencing::Undecided && tokio::time::Instant::now() < probed {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -320,23 +334,16 @@ async fn redis_fencing_follows_the_server() {
         ("script-auto", &script, &auto),
     ] {
         let key = format!("mixed-{name}");
-        let lock = Lock::new(fp(8));
-        expect_acquired(first, &key, &lock, LONG, name).await;
+        let mut token = expect_acquired(first, &key, &Attempt::new(fp(8)), LONG, name).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(
-            second.renew(&key, &lock, LONG).await.unwrap(),
-            "{name}: renew"
-        );
+        let renewed = second.renew(&key, &mut token, LONG).await.unwrap();
+        assert_eq!(renewed, Fenced::Applied, "{name}: renew");
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(
-            first.renew(&key, &lock, LONG).await.unwrap(),
-            "{name}: renew back"
-        );
+        let renewed = first.renew(&key, &mut token, LONG).await.unwrap();
+        assert_eq!(renewed, Fenced::Applied, "{name}: renew back");
         let record = rich_record(fp(8), b"mixed");
-        assert!(
-            second.complete(&key, &lock, &record, LONG).await.unwrap(),
-            "{name}: complete"
-        );
+        let completed = second.complete(&key, &token, &record, LONG).await.unwrap();
+        assert_eq!(completed, Fenced::Applied, "{name}: complete");
         let got = expect_completed(first, &key, name).await;
         assert_record_eq(&got, &record, name);
     }
@@ -360,17 +367,21 @@ async fn redis_keys_stay_under_the_prefix() {
     assert_eq!(redis.count_keys(&prefix), 0);
 
     // Completed, running (renewed), and released entries, through both claim paths.
-    let a = Lock::new(fp(7));
-    expect_acquired(&store, k1, &a, LONG, "k1").await;
-    assert!(store.renew(k1, &a, LONG).await.unwrap());
+    let mut a = expect_acquired(&store, k1, &Attempt::new(fp(7)), LONG, "k1").await;
+    assert!(store.renew(k1, &mut a, LONG).await.unwrap().applied());
     let record = rich_record(fp(7), b"layout");
-    assert!(store.complete(k1, &a, &record, LONG).await.unwrap());
-    let b = Lock::new(fp(8));
-    expect_acquired(&script, k2, &b, LONG, "k2").await;
-    assert!(script.renew(k2, &b, LONG).await.unwrap());
-    let c = Lock::new(fp(9));
+    assert!(
+        store
+            .complete(k1, &a, &record, LONG)
+            .await
+            .unwrap()
+            .applied()
+    );
+    let mut b = expect_acquired(&script, k2, &Attempt::new(fp(8)), LONG, "k2").await;
+    assert!(script.renew(k2, &mut b, LONG).await.unwrap().applied());
+    let c = Attempt::new(fp(9));
     expect_acquired(&store, k3, &c, LONG, "k3").await;
-    assert!(store.release(k3, &c).await.unwrap());
+    assert!(store.release(k3, &c).await.unwrap().applied());
     expect_in_flight(&store, k2, "k2").await;
     expect_completed(&script, k1, "k1").await;
 
@@ -401,5 +412,67 @@ async fn redis_keys_stay_under_the_prefix() {
     } else {
         // A shared server: at least no new keys beyond ours appeared alongside them.
         assert!(redis.count_keys("") >= before + 2);
+    }
+}
+
+/// A renewal whose reply was lost leaves the token's deadline behind the running record in
+/// Redis; here copies of the token make renewals the original does not see. The original must
+/// still renew and complete (the store reads the record back and fences on it), and once the
+/// key is completed no copy may write it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stale_token_still_owns() {
+    let redis = TestRedis::get();
+    let prefix = unique_prefix("stale-token");
+    let native = store_on(&redis, &prefix).await;
+    let script = store_on(&redis, &prefix).await.fence_with_script(true);
+    for (name, store) in [("native", &native), ("script", &script)] {
+        let key = format!("stale-{name}");
+        let attempt = Attempt::new(fp(16));
+        let mut token = expect_acquired(store, &key, &attempt, LONG, name).await;
+        // Deadlines are in milliseconds: wait so that each renewal writes a different value.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut twin = token.clone();
+        assert!(
+            store.renew(&key, &mut twin, LONG).await.unwrap().applied(),
+            "{name}: copy renews"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(
+            store.renew(&key, &mut token, LONG).await.unwrap().applied(),
+            "{name}: stale renews"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(
+            store.renew(&key, &mut twin, LONG).await.unwrap().applied(),
+            "{name}: stale copy renews"
+        );
+
+        let record = plain_record(fp(16), http::StatusCode::OK, b"done");
+        let completed = store.complete(&key, &token, &record, LONG).await.unwrap();
+        assert_eq!(
+            completed,
+            Fenced::Applied,
+            "{name}: complete with a stale deadline"
+        );
+        let got = expect_completed(store, &key, name).await;
+        assert_record_eq(&got, &record, name);
+
+        let other = plain_record(fp(16), http::StatusCode::OK, b"again");
+        let again = store.complete(&key, &twin, &other, LONG).await.unwrap();
+        assert_eq!(
+            again,
+            Fenced::NotOwner,
+            "{name}: a copy completes a completed key"
+        );
+        assert_eq!(
+            store.renew(&key, &mut token, LONG).await.unwrap(),
+            Fenced::NotOwner
+        );
+        assert_eq!(
+            store.release(&key, &attempt).await.unwrap(),
+            Fenced::NotOwner
+        );
+        let got = expect_completed(store, &key, name).await;
+        assert_record_eq(&got, &record, name);
     }
 }

@@ -1,22 +1,23 @@
 //! The layer's tracing: one span per protected request with its outcome (at DEBUG); no keys or
 //! bodies; warnings and errors name their route.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
 use tower::ServiceExt;
-use tower_idempotency::{
-    Claim, CompletedRecord, IdempotencyLayer, IdempotencyStore, Lock, MemoryStore, StoreError,
-};
+use tower_idempotency::{IdempotencyLayer, MemoryStore};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+use common::stub::Stub;
 
 /// Records every span field and event field as `name=value` lines.
 #[derive(Clone, Default)]
@@ -115,31 +116,6 @@ async fn spans_carry_outcomes_and_never_keys_or_bodies() {
     }
 }
 
-/// A store whose every operation fails, as an unreachable Redis does.
-#[derive(Clone, Debug)]
-struct DownStore;
-
-impl IdempotencyStore for DownStore {
-    async fn claim(&self, _: &str, _: &Lock, _: Duration) -> Result<Claim, StoreError> {
-        Err(StoreError::backend("connection refused"))
-    }
-    async fn renew(&self, _: &str, _: &Lock, _: Duration) -> Result<bool, StoreError> {
-        Err(StoreError::backend("connection refused"))
-    }
-    async fn complete(
-        &self,
-        _: &str,
-        _: &Lock,
-        _: &CompletedRecord,
-        _: Duration,
-    ) -> Result<bool, StoreError> {
-        Err(StoreError::backend("connection refused"))
-    }
-    async fn release(&self, _: &str, _: &Lock) -> Result<bool, StoreError> {
-        Err(StoreError::backend("connection refused"))
-    }
-}
-
 /// With the usual production filter (INFO), the per-request span is off, and the layer's errors
 /// still say which route they are about.
 #[tokio::test]
@@ -150,7 +126,7 @@ async fn at_info_no_span_and_errors_name_their_route() {
     );
     let app = Router::new()
         .route("/orders/{id}/pay", post(|| async { "paid" }))
-        .route_layer(IdempotencyLayer::new(DownStore));
+        .route_layer(IdempotencyLayer::new(Stub::down()));
     let req = Request::post("/orders/42/pay")
         .header("idempotency-key", "k-1")
         .body(Body::empty())

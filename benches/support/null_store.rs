@@ -4,29 +4,31 @@
 
 use std::time::Duration;
 
-use tower_idempotency::{Claim, CompletedRecord, IdempotencyStore, Lock, StoreError};
+use tower_idempotency::{Attempt, Claim, CompletedRecord, Fenced, IdempotencyStore, StoreError};
 
 /// A store that grants every claim and stores nothing.
 #[derive(Clone, Debug)]
 pub struct NullStore;
 
 impl IdempotencyStore for NullStore {
-    async fn claim(&self, _: &str, _: &Lock, _: Duration) -> Result<Claim, StoreError> {
-        Ok(Claim::Acquired)
+    type Token = ();
+
+    async fn claim(&self, _: &str, _: &Attempt, _: Duration) -> Result<Claim<()>, StoreError> {
+        Ok(Claim::Acquired(()))
     }
-    async fn renew(&self, _: &str, _: &Lock, _: Duration) -> Result<bool, StoreError> {
-        Ok(true)
+    async fn renew(&self, _: &str, _: &mut (), _: Duration) -> Result<Fenced, StoreError> {
+        Ok(Fenced::Applied)
     }
     async fn complete(
         &self,
         _: &str,
-        _: &Lock,
+        _: &(),
         _: &CompletedRecord,
         _: Duration,
-    ) -> Result<bool, StoreError> {
-        Ok(true)
+    ) -> Result<Fenced, StoreError> {
+        Ok(Fenced::Applied)
     }
-    async fn release(&self, _: &str, _: &Lock) -> Result<bool, StoreError> {
-        Ok(true)
+    async fn release(&self, _: &str, _: &Attempt) -> Result<Fenced, StoreError> {
+        Ok(Fenced::Applied)
     }
 }

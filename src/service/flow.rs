@@ -28,7 +28,7 @@ use crate::metrics::{self, Stopwatch};
 #[cfg(feature = "cache")]
 use crate::record::CompletedRecord;
 use crate::rejection::Rejection;
-use crate::store::{Claim, IdempotencyStore, Lock, StoreError};
+use crate::store::{Attempt, Claim, IdempotencyStore, StoreError};
 
 /// The protected path: buffer and fingerprint the body, claim, then run, replay or refuse.
 #[allow(
@@ -91,7 +91,7 @@ where
             shared: shared.clone(),
         };
         let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
-        let lock = Lock::new(fingerprint);
+        let attempt = Attempt::new(fingerprint);
 
         #[cfg(feature = "cache")]
         if let Some(cache) = &ctx.shared.config.cache {
@@ -112,7 +112,7 @@ where
         // One clock for the claim, the handler and storing the response: each phase ends where the
         // next begins.
         let mut watch = Stopwatch::start();
-        let mut claim = ctx.claim(&lock, &mut watch).await;
+        let mut claim = ctx.claim(&attempt, &mut watch).await;
         if let Some(took) = since(started) {
             tracing::debug!(claim = ?took, "claimed");
         }
@@ -120,10 +120,10 @@ where
             && !ctx.shared.config.wait_in_flight.is_zero()
         {
             // Boxed: waiting is rare, and its future would make every request's future larger.
-            claim = Box::pin(ctx.wait_in_flight(&lock, claim, &mut watch)).await;
+            claim = Box::pin(ctx.wait_in_flight(&attempt, claim, &mut watch)).await;
         }
         match claim {
-            Ok(Claim::Acquired) => {
+            Ok(Claim::Acquired(token)) => {
                 record_outcome(Outcome::Acquired);
                 parts.extensions.insert(key);
                 let req = Request::from_parts(parts, ReqBody::from(body));
@@ -137,9 +137,10 @@ where
                 };
                 let detached = ctx.shared.config.detached.clone();
                 if span.is_disabled() {
-                    DetachOnDrop::new(detached, || own(inner, ctx, req, lock, watch)).await
+                    DetachOnDrop::new(detached, || own(inner, ctx, req, attempt, token, watch))
+                        .await
                 } else {
-                    let owner = || own(inner, ctx, req, lock, watch).instrument(span);
+                    let owner = || own(inner, ctx, req, attempt, token, watch).instrument(span);
                     DetachOnDrop::new(detached, owner).await
                 }
             }
@@ -193,7 +194,8 @@ pub(super) fn own<S, St, ReqBody, ResBody>(
     mut inner: S,
     ctx: Ctx<St>,
     req: Request<ReqBody>,
-    lock: Lock,
+    attempt: Attempt,
+    mut token: St::Token,
     mut watch: Stopwatch,
 ) -> impl Future<Output = Result<Response<ResBody>, S::Error>>
 where
@@ -229,12 +231,17 @@ where
             let mut handler = handler;
             // The renewal starts once the handler has not answered at once, boxed: a handler
             // that answers at once arms no timer, and the renewal's state takes no room here.
+            // The token is lent to it (taken from `lent` once) until the handler is done.
             let mut renewal = None;
+            let mut lent = Some(&mut token);
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(outcome) = handler.as_mut().poll(cx) {
                     return Poll::Ready(outcome);
                 }
-                let renewal = renewal.get_or_insert_with(|| Box::pin(ctx.renew_forever(&lock)));
+                let renewal = renewal.get_or_insert_with(|| {
+                    let token = lent.take().expect("lent once, with the renewal's start");
+                    Box::pin(ctx.renew_forever(token))
+                });
                 // It never ends; polling it keeps its timer armed.
                 let _ = renewal.as_mut().poll(cx);
                 Poll::Pending
@@ -248,11 +255,11 @@ where
         match outcome {
             Err(_panic) => {
                 tracing::error!(route = %ctx.route, "handler panicked; claim released");
-                ctx.release(&lock, &mut watch).await;
+                ctx.release(&attempt, &mut watch).await;
                 Ok(rejected(&ctx.shared.config, &Rejection::handler_failed()))
             }
             Ok(Err(err)) => {
-                ctx.release(&lock, &mut watch).await;
+                ctx.release(&attempt, &mut watch).await;
                 Err(err)
             }
             Ok(Ok((parts, Err(err)))) => {
@@ -261,16 +268,17 @@ where
                     ReadError::TooLarge => "the response body is larger than memory allows".into(),
                 };
                 tracing::error!(route = %ctx.route, status = %parts.status, error = %err, "response body failed; claim released");
-                ctx.release(&lock, &mut watch).await;
+                ctx.release(&attempt, &mut watch).await;
                 Ok(rejected(&ctx.shared.config, &Rejection::handler_failed()))
             }
             Ok(Ok((mut parts, Ok(body)))) => {
                 if ctx.route.answered_by_router(parts.status) {
-                    ctx.release(&lock, &mut watch).await;
+                    ctx.release(&attempt, &mut watch).await;
                 } else if (ctx.shared.config.store_response)(&parts) {
-                    ctx.complete(&lock, &mut parts, &body, &mut watch).await;
+                    ctx.complete(&attempt, &mut token, &mut parts, &body, &mut watch)
+                        .await;
                 } else {
-                    ctx.release(&lock, &mut watch).await;
+                    ctx.release(&attempt, &mut watch).await;
                 }
                 Ok(Response::from_parts(parts, ResBody::from(body)))
             }

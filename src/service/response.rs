@@ -1,9 +1,10 @@
 //! What of a response is stored, and how a stored one is replayed.
 
+use std::time::SystemTime;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, header, response};
 
-use crate::clock::unix_ms;
 use crate::config::Config;
 use crate::fingerprint::Fingerprint;
 use crate::record::CompletedRecord;
@@ -43,15 +44,14 @@ pub(super) fn record_of(
             "response larger than the limit: stored without its body"
         );
     }
-    let record = CompletedRecord::new(
-        fingerprint,
-        parts.status,
-        headers,
-        if omitted { Bytes::new() } else { body.clone() },
-        omitted,
-    );
-    let expiry = unix_ms().saturating_add(config.record_ttl.as_millis() as u64);
-    (record.with_expiry(expiry), lent)
+    let expires_at = SystemTime::now() + config.record_ttl;
+    let record = CompletedRecord::new(fingerprint, parts.status, expires_at).with_headers(headers);
+    let record = if omitted {
+        record.with_body_omitted()
+    } else {
+        record.with_body(body.clone())
+    };
+    (record, lent)
 }
 
 /// Headers never stored: hop-by-hop headers (RFC 9110 §7.6.1) describe one connection, not the

@@ -15,7 +15,7 @@ use super::response::record_of;
 use super::scope::{RouteName, ScopedKey};
 use crate::metrics::{self, Stopwatch};
 use crate::record::CompletedRecord;
-use crate::store::{Claim, IdempotencyStore, Lock, StoreError};
+use crate::store::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
 
 /// What the protected path needs besides the inner service, shared by the handler task and the
 /// lease renewal.
@@ -40,18 +40,18 @@ impl<St: IdempotencyStore> Ctx<St> {
         }
     }
 
-    /// Claims the key for `lock`. A claim whose outcome is unknown (the store failed or timed
+    /// Claims the key for `attempt`. A claim whose outcome is unknown (the store failed or timed
     /// out, or this future was dropped while the claim was on the wire) may still have been
     /// applied: it is released in the background, so the key is not left claimed by an attempt
     /// that gave up.
     pub(super) async fn claim(
         &self,
-        lock: &Lock,
+        attempt: &Attempt,
         watch: &mut Stopwatch,
-    ) -> Result<Claim, StoreError> {
+    ) -> Result<Claim<St::Token>, StoreError> {
         let mut unknown = ReleaseOnDrop {
             ctx: self,
-            lock,
+            attempt,
             armed: true,
         };
         let lease = self.shared.config.lock_ttl;
@@ -59,17 +59,19 @@ impl<St: IdempotencyStore> Ctx<St> {
             .timed(
                 "claim",
                 watch,
-                self.shared.store.claim(self.scoped.as_str(), lock, lease),
+                self.shared
+                    .store
+                    .claim(self.scoped.as_str(), attempt, lease),
             )
             .await;
-        unknown.armed = matches!(claim, Err(StoreError::Backend(_) | StoreError::Timeout));
+        unknown.armed = matches!(&claim, Err(err) if err.outcome_unknown());
         claim
     }
 
-    /// Releases `lock`'s claim in a task of its own (tracked in the layer's
+    /// Releases `attempt`'s claim in a task of its own (tracked in the layer's
     /// [`DetachedWork`](crate::DetachedWork)), trying again until the store answers or the lease
     /// would have lapsed anyway.
-    pub(super) fn release_in_background(&self, lock: Lock) {
+    pub(super) fn release_in_background(&self, attempt: Attempt) {
         let shared = self.shared.clone();
         let scoped = self.scoped;
         let route = self.route.clone();
@@ -82,7 +84,7 @@ impl<St: IdempotencyStore> Ctx<St> {
             let lease = ctx.shared.config.lock_ttl;
             let released = ctx
                 .with_retries("release", lease, || {
-                    ctx.shared.store.release(ctx.scoped.as_str(), &lock)
+                    ctx.shared.store.release(ctx.scoped.as_str(), &attempt)
                 })
                 .await;
             if let Err(err) = released {
@@ -121,8 +123,8 @@ impl<St: IdempotencyStore> Ctx<St> {
         loop {
             let mut watch = Stopwatch::start();
             match self.timed(name, &mut watch, op()).await {
-                Err(StoreError::Backend(_) | StoreError::Timeout)
-                    if tokio::time::Instant::now() + delay < deadline =>
+                Err(err)
+                    if err.outcome_unknown() && tokio::time::Instant::now() + delay < deadline =>
                 {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
@@ -139,10 +141,10 @@ impl<St: IdempotencyStore> Ctx<St> {
     /// is lapped at the end of the last claim.
     pub(super) async fn wait_in_flight(
         &self,
-        lock: &Lock,
-        first: Result<Claim, StoreError>,
+        attempt: &Attempt,
+        first: Result<Claim<St::Token>, StoreError>,
         watch: &mut Stopwatch,
-    ) -> Result<Claim, StoreError> {
+    ) -> Result<Claim<St::Token>, StoreError> {
         let Ok(_permit) = self.shared.config.waiters.try_acquire() else {
             tracing::debug!("too many requests waiting; not waiting");
             return first;
@@ -158,8 +160,8 @@ impl<St: IdempotencyStore> Ctx<St> {
             tokio::time::sleep(delay.min(deadline - now)).await;
             delay = (delay * 2).min(Duration::from_millis(500));
             *watch = Stopwatch::start();
-            claim = self.claim(lock, watch).await;
-            if !matches!(claim, Ok(Claim::InFlight { fingerprint, .. }) if fingerprint == *lock.fingerprint())
+            claim = self.claim(attempt, watch).await;
+            if !matches!(claim, Ok(Claim::InFlight { fingerprint, .. }) if fingerprint == *attempt.fingerprint())
             {
                 return claim;
             }
@@ -168,7 +170,7 @@ impl<St: IdempotencyStore> Ctx<St> {
 
     /// Renews the lease every third of its length. Never returns; stops renewing (and waits
     /// forever) once the lease is lost.
-    pub(super) async fn renew_forever(&self, lock: &Lock) {
+    pub(super) async fn renew_forever(&self, token: &mut St::Token) {
         let lease = self.shared.config.lock_ttl;
         let period = lease / 3;
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -180,15 +182,15 @@ impl<St: IdempotencyStore> Ctx<St> {
                 .timed(
                     "renew",
                     &mut watch,
-                    self.shared.store.renew(self.scoped.as_str(), lock, lease),
+                    self.shared.store.renew(self.scoped.as_str(), token, lease),
                 )
                 .await
             {
-                Ok(true) => {
+                Ok(Fenced::Applied) => {
                     metrics::count(metrics::RENEWALS);
                     tracing::trace!("lease renewed");
                 }
-                Ok(false) => {
+                Ok(Fenced::NotOwner) => {
                     metrics::count(metrics::LEASES_LOST);
                     tracing::warn!(
                         route = %self.route,
@@ -208,7 +210,8 @@ impl<St: IdempotencyStore> Ctx<St> {
     /// duration includes building the record.
     pub(super) async fn complete(
         &self,
-        lock: &Lock,
+        attempt: &Attempt,
+        token: &mut St::Token,
         parts: &mut http::response::Parts,
         body: &Bytes,
         watch: &mut Stopwatch,
@@ -217,18 +220,21 @@ impl<St: IdempotencyStore> Ctx<St> {
         // Built in a block of its own: a local moved into the record would otherwise keep its
         // room in this future across the store's `await`.
         let (mut record, lent) =
-            { record_of(&self.shared.config, *lock.fingerprint(), parts, body) };
+            { record_of(&self.shared.config, *attempt.fingerprint(), parts, body) };
         let store = &self.shared.store;
         let mut stored = self
             .timed(
                 "complete",
                 watch,
-                store.complete(self.scoped.as_str(), lock, &record, ttl),
+                store.complete(self.scoped.as_str(), token, &record, ttl),
             )
             .await;
-        if matches!(stored, Err(StoreError::Backend(_) | StoreError::Timeout)) {
+        if let Err(err) = &stored
+            && err.outcome_unknown()
+        {
+            tracing::warn!(route = %self.route, error = %err, "could not store the response; trying again");
             // Boxed: rare, and its future would make every first delivery's future larger.
-            stored = Box::pin(self.complete_again(lock, &record, stored)).await;
+            stored = Box::pin(self.complete_again(token, &record)).await;
         }
         #[cfg(feature = "cache")]
         let cache = self
@@ -236,7 +242,7 @@ impl<St: IdempotencyStore> Ctx<St> {
             .config
             .cache
             .as_ref()
-            .filter(|_| matches!(stored, Ok(true)));
+            .filter(|_| matches!(stored, Ok(Fenced::Applied)));
         #[cfg(not(feature = "cache"))]
         let cache: Option<std::convert::Infallible> = None;
         if lent {
@@ -247,14 +253,14 @@ impl<St: IdempotencyStore> Ctx<St> {
             };
         }
         match stored {
-            Ok(true) =>
+            Ok(Fenced::Applied) =>
             {
                 #[cfg(feature = "cache")]
                 if let Some(cache) = cache {
                     cache.insert(self.scoped.as_str(), record);
                 }
             }
-            Ok(false) => {
+            Ok(Fenced::NotOwner) => {
                 metrics::count(metrics::LEASES_LOST);
                 tracing::warn!(
                     route = %self.route,
@@ -270,53 +276,61 @@ impl<St: IdempotencyStore> Ctx<St> {
         }
     }
 
-    /// Tries again to store a response whose first try failed: while the store fails, for at
-    /// most half the lease, renewing the lease before each try so that it cannot lapse
-    /// meanwhile. Ends when the record is stored, the lease is proven lost, or the bound is
-    /// reached.
+    /// Tries again to store a response whose first try failed: while the store fails, with
+    /// back-off, for at most half the lease, renewing the lease before each try so that it
+    /// cannot lapse meanwhile. Ends when the record is stored, the lease is proven lost, or the
+    /// bound is reached.
     pub(super) async fn complete_again(
         &self,
-        lock: &Lock,
+        token: &mut St::Token,
         record: &CompletedRecord,
-        first: Result<bool, StoreError>,
-    ) -> Result<bool, StoreError> {
-        if let Err(err) = &first {
-            tracing::warn!(route = %self.route, error = %err, "could not store the response; trying again");
-        }
+    ) -> Result<Fenced, StoreError> {
         let lease = self.shared.config.lock_ttl;
         let ttl = self.shared.config.record_ttl;
         let store = &self.shared.store;
         let key = self.scoped.as_str();
-        let mut tries = 0;
-        self.with_retries("complete", lease / 2, || {
-            tries += 1;
+        let deadline = tokio::time::Instant::now() + lease / 2;
+        let mut delay = Duration::from_millis(50);
+        for tries in 2.. {
             metrics::count(metrics::COMPLETE_RETRIES);
-            async move {
-                // The lease first: a renewal that finds the key no longer running is not final
-                // (a complete whose reply was lost may have applied), the complete decides.
-                let mut watch = Stopwatch::start();
-                let _ = self
-                    .timed("renew", &mut watch, store.renew(key, lock, lease))
-                    .await;
-                store.complete(key, lock, record, ttl).await
+            // The lease first: a renewal that finds the key no longer running is not final (a
+            // complete whose reply was lost may have applied); the complete decides.
+            let mut watch = Stopwatch::start();
+            let _ = self
+                .timed("renew", &mut watch, store.renew(key, token, lease))
+                .await;
+            let stored = self
+                .timed(
+                    "complete",
+                    &mut watch,
+                    store.complete(key, token, record, ttl),
+                )
+                .await;
+            match stored {
+                Err(err)
+                    if err.outcome_unknown() && tokio::time::Instant::now() + delay < deadline =>
+                {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Ok(Fenced::Applied) => {
+                    tracing::info!(route = %self.route, tries, "response stored after trying again");
+                    return stored;
+                }
+                other => return other,
             }
-        })
-        .await
-        .inspect(|stored| {
-            if *stored {
-                tracing::info!(route = %self.route, tries, "response stored after trying again");
-            }
-        })
+        }
+        unreachable!("the loop returns")
     }
 
     /// Releases the claim; `watch` was lapped when the handler finished. If the store fails,
     /// the release goes on in the background.
-    pub(super) async fn release(&self, lock: &Lock, watch: &mut Stopwatch) {
+    pub(super) async fn release(&self, attempt: &Attempt, watch: &mut Stopwatch) {
         let released = self
             .timed(
                 "release",
                 watch,
-                self.shared.store.release(self.scoped.as_str(), lock),
+                self.shared.store.release(self.scoped.as_str(), attempt),
             )
             .await;
         if let Err(err) = released {
@@ -325,7 +339,7 @@ impl<St: IdempotencyStore> Ctx<St> {
                 error = %err,
                 "could not release the key; trying again in the background"
             );
-            self.release_in_background(lock.clone());
+            self.release_in_background(*attempt);
         }
     }
 }
@@ -333,14 +347,14 @@ impl<St: IdempotencyStore> Ctx<St> {
 /// Releases a claim in the background when dropped armed: see [`Ctx::claim`].
 struct ReleaseOnDrop<'a, St: IdempotencyStore> {
     ctx: &'a Ctx<St>,
-    lock: &'a Lock,
+    attempt: &'a Attempt,
     armed: bool,
 }
 
 impl<St: IdempotencyStore> Drop for ReleaseOnDrop<'_, St> {
     fn drop(&mut self) {
         if self.armed {
-            self.ctx.release_in_background(self.lock.clone());
+            self.ctx.release_in_background(*self.attempt);
         }
     }
 }

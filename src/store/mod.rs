@@ -2,20 +2,33 @@
 //!
 //! A store keeps, for every scoped key, one entry in one of two states:
 //!
-//! - **running**: claimed by one attempt (identified by its [`Lock`]'s owner token), with the
-//!   request fingerprint; it lapses after the lease unless the owner renews it;
+//! - **running**: claimed by one [`Attempt`] (identified by its owner token), with the request
+//!   fingerprint; it lapses after the lease unless the attempt renews it;
 //! - **completed**: the [`CompletedRecord`] to replay; it lapses after the record TTL.
 //!
-//! Every operation is a single atomic step (one round trip for a remote store, as a rule; the
-//! Redis store's native fencing takes two more after a lost reply). `renew`,
-//! `complete` and `release` are *fenced*: they only act while the entry is still running under
-//! the same owner, so an attempt that lost its lease can never overwrite another attempt's entry.
+//! Every operation is a single atomic step (one round trip for a remote store, as a rule).
+//! `renew`, `complete` and `release` are *fenced*: they only act while the entry is still
+//! running under the same attempt, and say so in a [`Fenced`]; an attempt that lost its lease can
+//! never overwrite another attempt's entry.
+//!
+//! # Writing a store
+//!
+//! Implement [`IdempotencyStore`]; what your store must remember about a claim it granted (a
+//! row version, the exact value it wrote) is its own [`Token`](IdempotencyStore::Token) type,
+//! which the layer hands back to every later operation of the same attempt. Persist, for a
+//! completed record, every field of [`CompletedRecord`] (its
+//! [`expires_at`](CompletedRecord::expires_at) included: the local cache bounds itself by it);
+//! [`CompletedRecord::encode`] and [`CompletedRecord::decode`] give a ready binary form. Report
+//! an entry you cannot read with [`StoreError::corrupt`]: the layer answers `500` and never runs
+//! the handler over it. The conformance kit (feature `conformance`, [`crate::conformance`])
+//! checks a store against this contract.
 
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::BoxError;
 use crate::fingerprint::Fingerprint;
 use crate::record::{CompletedRecord, DecodeError};
 
@@ -23,24 +36,20 @@ pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 
-/// One attempt's claim on a key: a random owner token and the request's fingerprint.
-///
-/// A lock also carries one number for the store's own use between its operations on the same
-/// attempt ([`Lock::store_note`]); the Redis store keeps there the deadline of the running record
-/// it last wrote, so that its next write can be fenced on that exact value.
-pub struct Lock {
+/// One attempt at a key: a random owner token, unique to the attempt (across processes too),
+/// and the fingerprint of its request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
     owner: [u8; 16],
     fingerprint: Fingerprint,
-    note: AtomicU64,
 }
 
-impl Lock {
-    /// A lock with a fresh owner token, unique to this attempt (across processes too).
+impl Attempt {
+    /// A new attempt with a fresh owner token.
     pub fn new(fingerprint: Fingerprint) -> Self {
         Self {
             owner: owner_token(),
             fingerprint,
-            note: AtomicU64::new(0),
         }
     }
 
@@ -49,46 +58,15 @@ impl Lock {
         &self.owner
     }
 
-    /// The fingerprint of the request holding the lock.
+    /// The fingerprint of the attempt's request.
     pub fn fingerprint(&self) -> &Fingerprint {
         &self.fingerprint
     }
-
-    /// The number a store last kept with this lock ([`Lock::set_store_note`]); `0` if none.
-    pub fn store_note(&self) -> u64 {
-        self.note.load(Ordering::Relaxed)
-    }
-
-    /// Keeps a number with this lock for the store's next operation on it. Stores must treat
-    /// the note as a hint: a lock may be used with another store, or the note may be stale.
-    pub fn set_store_note(&self, note: u64) {
-        self.note.store(note, Ordering::Relaxed);
-    }
 }
 
-impl Clone for Lock {
-    fn clone(&self) -> Self {
-        Self {
-            owner: self.owner,
-            fingerprint: self.fingerprint,
-            note: AtomicU64::new(self.store_note()),
-        }
-    }
-}
-
-/// Two locks are equal when they are the same attempt: same owner and fingerprint (the store
-/// note is not compared).
-impl PartialEq for Lock {
-    fn eq(&self, other: &Self) -> bool {
-        self.owner == other.owner && self.fingerprint == other.fingerprint
-    }
-}
-
-impl Eq for Lock {}
-
-impl fmt::Debug for Lock {
+impl fmt::Debug for Attempt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Lock")
+        f.debug_struct("Attempt")
             .field("fingerprint", &self.fingerprint)
             .finish_non_exhaustive()
     }
@@ -118,12 +96,14 @@ fn owner_token() -> [u8; 16] {
     token
 }
 
-/// What [`IdempotencyStore::claim`] found.
+/// What [`IdempotencyStore::claim`] found. `T` is the store's
+/// [`Token`](IdempotencyStore::Token).
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum Claim {
-    /// The key was free and is now running under the caller's lock.
-    Acquired,
+pub enum Claim<T> {
+    /// The key was free and is now running under the attempt; the token goes with every later
+    /// operation of the attempt.
+    Acquired(T),
     /// Another attempt holds the key.
     InFlight {
         /// Fingerprint of the request that holds it.
@@ -135,22 +115,54 @@ pub enum Claim {
     Completed(CompletedRecord),
 }
 
+/// What a fenced operation (`renew`, `complete`, `release`) did.
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fenced {
+    /// The attempt still held the key, and the operation was carried out.
+    Applied,
+    /// The attempt no longer holds the key (its lease lapsed, another attempt may have it);
+    /// nothing was written.
+    NotOwner,
+}
+
+impl Fenced {
+    /// Whether the operation was carried out.
+    pub fn applied(self) -> bool {
+        self == Self::Applied
+    }
+}
+
 /// A store operation that could not be carried out.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The store is unreachable or answered with an error.
-    Backend(Box<dyn std::error::Error + Send + Sync>),
-    /// The operation did not finish within the layer's store timeout.
+    /// The store is unreachable or answered with an error. The operation may or may not have
+    /// been applied.
+    Backend(BoxError),
+    /// The operation did not finish within the layer's store timeout. It may or may not have
+    /// been applied.
     Timeout,
-    /// The stored value is not a record this crate can read.
-    Corrupt(DecodeError),
+    /// The stored entry is not one the store can read (corrupted, truncated, written by
+    /// something else). The layer answers `500` and leaves it in place.
+    Corrupt(BoxError),
 }
 
 impl StoreError {
     /// Wraps a backend error.
-    pub fn backend(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+    pub fn backend(err: impl Into<BoxError>) -> Self {
         Self::Backend(err.into())
+    }
+
+    /// Reports an entry the store cannot read.
+    pub fn corrupt(err: impl Into<BoxError>) -> Self {
+        Self::Corrupt(err.into())
+    }
+
+    /// Whether the operation may have been applied although it failed (a backend error or a
+    /// timeout): the layer then repeats it, or releases the claim it may have made.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Self::Backend(_) | Self::Timeout)
     }
 }
 
@@ -159,7 +171,7 @@ impl fmt::Display for StoreError {
         match self {
             Self::Backend(err) => write!(f, "idempotency store error: {err}"),
             Self::Timeout => f.write_str("idempotency store timed out"),
-            Self::Corrupt(err) => err.fmt(f),
+            Self::Corrupt(err) => write!(f, "idempotency store entry unreadable: {err}"),
         }
     }
 }
@@ -167,68 +179,74 @@ impl fmt::Display for StoreError {
 impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Backend(err) => Some(&**err),
+            Self::Backend(err) | Self::Corrupt(err) => Some(&**err),
             Self::Timeout => None,
-            Self::Corrupt(err) => Some(err),
         }
     }
 }
 
 impl From<DecodeError> for StoreError {
     fn from(err: DecodeError) -> Self {
-        Self::Corrupt(err)
+        Self::corrupt(err)
     }
 }
 
-/// Storage for idempotency entries. See the [module docs](self) for the state machine.
+/// Storage for idempotency entries. See the [module docs](self) for the state machine and for
+/// writing a store.
 ///
 /// `key` is the scoped key the layer derived (a short digest of scope and idempotency key); a
 /// store may prefix it but must treat it as opaque.
 ///
-/// The layer repeats an operation that failed with [`StoreError::Backend`] or
-/// [`StoreError::Timeout`] (it may have been applied nonetheless): a failed claim is released,
-/// and a failed complete or release is tried again. So a store must let an operation be
-/// repeated after it applied: `complete` again with the same record reports `true` when the
-/// key already holds exactly that record, `renew` again reports `true` while the lock owns the
-/// key, `release` again finds nothing and reports `false`. A store that resends commands itself
-/// after a lost connection must recognise its own claim too (a running entry of the same lock is
-/// [`Claim::Acquired`]).
+/// The layer repeats an operation that failed with an unknown outcome
+/// ([`StoreError::outcome_unknown`]): a claim that failed is released, a complete or release
+/// that failed is tried again. So an operation must be safe to repeat after it applied:
+/// `complete` again with the same record answers [`Fenced::Applied`] when the key already holds
+/// exactly that record; `renew` again answers `Applied` while the attempt holds the key;
+/// `release` again finds nothing and answers [`Fenced::NotOwner`]. A store that resends a claim
+/// itself (after a lost connection) must recognise its own running entry as
+/// [`Claim::Acquired`].
 pub trait IdempotencyStore: Clone + Send + Sync + 'static {
-    /// Claims `key` for `lock` with a lease of `lease` if it is absent; otherwise reports what
-    /// holds it. One atomic step.
+    /// What the store remembers about a claim it granted, between the claim and the attempt's
+    /// later operations: [`Attempt`] itself where nothing more is needed (the in-process
+    /// store); the Redis store also keeps the deadline of the running record it last wrote, to
+    /// fence its next write on that exact value.
+    type Token: Send + Sync + 'static;
+
+    /// Claims `key` for `attempt` with a lease of `lease` if it is absent (or expired);
+    /// otherwise reports what holds it. One atomic step.
     fn claim(
         &self,
         key: &str,
-        lock: &Lock,
+        attempt: &Attempt,
         lease: Duration,
-    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Claim<Self::Token>, StoreError>> + Send;
 
-    /// Extends the lease of `key` to `lease` from now if `lock` still owns it. Returns whether
-    /// it did.
+    /// Extends the lease of `key` to `lease` from now if the token's attempt still holds it.
     fn renew(
         &self,
         key: &str,
-        lock: &Lock,
+        token: &mut Self::Token,
         lease: Duration,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Fenced, StoreError>> + Send;
 
-    /// Replaces the running entry of `lock` with `record`, kept for `ttl`. Returns `false`,
-    /// writing nothing, if `lock` no longer owns the key (its lease lapsed).
+    /// Replaces the token's running entry with `record`, kept for `ttl`, if its attempt still
+    /// holds the key.
     fn complete(
         &self,
         key: &str,
-        lock: &Lock,
+        token: &Self::Token,
         record: &CompletedRecord,
         ttl: Duration,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Fenced, StoreError>> + Send;
 
-    /// Deletes the running entry of `lock`, so the next request with the key runs again. Returns
-    /// `false`, deleting nothing, if `lock` no longer owns the key.
+    /// Deletes the running entry of `attempt`, so the next request with the key runs again.
+    /// Takes the attempt rather than a token: the layer also releases claims whose outcome it
+    /// never learnt.
     fn release(
         &self,
         key: &str,
-        lock: &Lock,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+        attempt: &Attempt,
+    ) -> impl Future<Output = Result<Fenced, StoreError>> + Send;
 }
 
 #[cfg(test)]
@@ -239,7 +257,7 @@ mod tests {
     fn owner_tokens_are_unique() {
         let fp = Fingerprint([0; 32]);
         let tokens: std::collections::HashSet<_> =
-            (0..1000).map(|_| *Lock::new(fp).owner()).collect();
+            (0..1000).map(|_| *Attempt::new(fp).owner()).collect();
         assert_eq!(tokens.len(), 1000);
     }
 }

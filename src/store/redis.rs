@@ -9,7 +9,7 @@ use bytes::Bytes;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 
-use super::{Claim, IdempotencyStore, Lock, StoreError};
+use super::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
 use crate::clock::unix_ms;
 use crate::record::{CompletedRecord, RunningRecord, Stored};
 
@@ -60,8 +60,8 @@ pub const DEFAULT_KEY_PREFIX: &str = "idempotency:";
 ///
 /// Renew and complete are *fenced*: they write only over the running record of the same attempt.
 /// On Redis 8.4 and later (and Valkey 8.1 and later) that is the native compare-and-set
-/// `SET .. IFEQ`, compared against the exact running record this attempt last wrote (the lock
-/// remembers its deadline, see [`Lock::store_note`]); if that comparison fails, the store reads
+/// `SET .. IFEQ`, compared against the exact running record this attempt last wrote (its
+/// deadline is kept in the claim's [`RedisToken`]); if that comparison fails, the store reads
 /// the value back and retries only when it is still this attempt's running record (a renewal
 /// whose reply was lost), so a lost reply never costs the key; that takes two more round trips.
 /// On older servers it is `replace.lua`, which checks the owner token with `GETRANGE`. Which one
@@ -132,6 +132,15 @@ impl Fencing {
             _ => Self::Undecided,
         }
     }
+}
+
+/// What [`RedisStore`] remembers about a claim it granted: the attempt, and the deadline of the
+/// running record it last wrote for it, which its next renew or complete is fenced on with
+/// `SET .. IFEQ`.
+#[derive(Clone, Debug)]
+pub struct RedisToken {
+    attempt: Attempt,
+    deadline_ms: u64,
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
@@ -370,17 +379,18 @@ impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// Replaces the running record `lock` owns at `key` with `value`, kept for `ttl_ms`: natively
-    /// where the server supports it, else with the script. Returns whether `lock` still owned it.
+    /// Replaces the running record the token's attempt owns at `key` with `value`, kept for
+    /// `ttl_ms`: natively where the server supports it, else with the script. Returns whether
+    /// the attempt still owned it.
     async fn replace(
         &self,
         key: Key<'_>,
-        lock: &Lock,
+        token: &RedisToken,
         value: &[u8],
         ttl_ms: u64,
     ) -> Result<bool, RedisError> {
         match self.fencing() {
-            Fencing::Native => match self.replace_native(key, lock, value, ttl_ms).await {
+            Fencing::Native => match self.replace_native(key, token, value, ttl_ms).await {
                 // The server stopped accepting `SET .. IFEQ` (a failover to an older server, a
                 // proxy): any ERR-coded refusal switches to the script, which every server runs.
                 Err(err) if is_refusal(&err) => {
@@ -399,28 +409,25 @@ where
             Fencing::Undecided => self.probe_fencing_in_background(),
             Fencing::Script => {}
         }
-        let prefix = RunningRecord::owner_prefix(lock.owner());
+        let prefix = RunningRecord::owner_prefix(token.attempt.owner());
         let ttl = ttl_ms.to_string();
         self.eval(&REPLACE, key, &[&prefix, value, ttl.as_bytes()])
             .await
     }
 
     /// `SET key <value> IFEQ <running record> PX <ttl>`, the running record being the one this
-    /// lock last wrote (its deadline is the lock's store note). If the value there differs, it
-    /// is read back: still this lock's running record (a renewal whose reply was lost wrote a
+    /// attempt last wrote (its deadline is the token's). If the value there differs, it
+    /// is read back: still this attempt's running record (a renewal whose reply was lost wrote a
     /// later deadline), the write is tried again on that exact value; `value` itself (this write,
-    /// sent again after its reply was lost), it applied; anything else, the lock lost the key.
+    /// sent again after its reply was lost), it applied; anything else, the attempt lost the key.
     async fn replace_native(
         &self,
         key: Key<'_>,
-        lock: &Lock,
+        token: &RedisToken,
         value: &[u8],
         ttl_ms: u64,
     ) -> Result<bool, RedisError> {
-        let mut expected = match lock.store_note() {
-            0 => None,
-            deadline_ms => Some(running_record_at(lock, deadline_ms).to_vec()),
-        };
+        let mut expected = Some(running_record_at(&token.attempt, token.deadline_ms).to_vec());
         for _ in 0..3 {
             let current = match expected.take() {
                 Some(current) => current,
@@ -429,7 +436,7 @@ where
                         self.query(command("GET", 2, key.len()).arg(key)).await?;
                     match current {
                         Some(v) if v == value => return Ok(true),
-                        Some(v) if is_running_record_of(&v, lock) => v,
+                        Some(v) if is_running_record_of(&v, &token.attempt) => v,
                         _ => return Ok(false),
                     }
                 }
@@ -527,10 +534,10 @@ fn refuses_writes(err: &RedisError) -> bool {
     matches!(err.code(), Some("OOM" | "READONLY"))
 }
 
-/// Whether `value` is a running record written for `lock`.
-fn is_running_record_of(value: &[u8], lock: &Lock) -> bool {
+/// Whether `value` is a running record written for `attempt`.
+fn is_running_record_of(value: &[u8], attempt: &Attempt) -> bool {
     value.len() == RunningRecord::LEN
-        && value.starts_with(&RunningRecord::owner_prefix(lock.owner()))
+        && value.starts_with(&RunningRecord::owner_prefix(attempt.owner()))
 }
 
 fn millis(d: Duration) -> u64 {
@@ -542,16 +549,16 @@ fn millis(d: Duration) -> u64 {
         .clamp(1, MAX_MS)
 }
 
-/// The running record of `lock` with a deadline `lease` from now, and that deadline.
-fn running_record(lock: &Lock, lease: Duration) -> ([u8; RunningRecord::LEN], u64) {
+/// The running record of `attempt` with a deadline `lease` from now, and that deadline.
+fn running_record(attempt: &Attempt, lease: Duration) -> ([u8; RunningRecord::LEN], u64) {
     let deadline_ms = unix_ms().saturating_add(millis(lease)).max(1);
-    (running_record_at(lock, deadline_ms), deadline_ms)
+    (running_record_at(attempt, deadline_ms), deadline_ms)
 }
 
-fn running_record_at(lock: &Lock, deadline_ms: u64) -> [u8; RunningRecord::LEN] {
+fn running_record_at(attempt: &Attempt, deadline_ms: u64) -> [u8; RunningRecord::LEN] {
     RunningRecord {
-        owner: *lock.owner(),
-        fingerprint: *lock.fingerprint(),
+        owner: *attempt.owner(),
+        fingerprint: *attempt.fingerprint(),
         deadline_ms,
     }
     .encode()
@@ -561,9 +568,16 @@ impl<C> IdempotencyStore for RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    async fn claim(&self, key: &str, lock: &Lock, lease: Duration) -> Result<Claim, StoreError> {
+    type Token = RedisToken;
+
+    async fn claim(
+        &self,
+        key: &str,
+        attempt: &Attempt,
+        lease: Duration,
+    ) -> Result<Claim<RedisToken>, StoreError> {
         let key = self.key(key);
-        let (running, deadline_ms) = running_record(lock, lease);
+        let (running, deadline_ms) = running_record(attempt, lease);
         let existing = match self.claim_value(key, &running, millis(lease)).await {
             Ok(existing) => existing,
             // Redis refuses writes (`OOM` under `maxmemory` with `noeviction`, `READONLY` on a
@@ -580,15 +594,17 @@ where
             }
             Err(err) => return Err(StoreError::backend(err)),
         };
+        let token = |deadline_ms| RedisToken {
+            attempt: *attempt,
+            deadline_ms,
+        };
         let Some(existing) = existing else {
-            lock.set_store_note(deadline_ms);
-            return Ok(Claim::Acquired);
+            return Ok(Claim::Acquired(token(deadline_ms)));
         };
         match Stored::decode(existing)? {
             // This claim, sent again after its reply was lost: it applied the first time.
-            Stored::Running(r) if r.owner == *lock.owner() => {
-                lock.set_store_note(r.deadline_ms);
-                Ok(Claim::Acquired)
+            Stored::Running(r) if r.owner == *attempt.owner() => {
+                Ok(Claim::Acquired(token(r.deadline_ms)))
             }
             Stored::Running(r) => Ok(Claim::InFlight {
                 fingerprint: r.fingerprint,
@@ -598,38 +614,53 @@ where
         }
     }
 
-    async fn renew(&self, key: &str, lock: &Lock, lease: Duration) -> Result<bool, StoreError> {
+    async fn renew(
+        &self,
+        key: &str,
+        token: &mut RedisToken,
+        lease: Duration,
+    ) -> Result<Fenced, StoreError> {
         let key = self.key(key);
-        let (running, deadline_ms) = running_record(lock, lease);
+        let (running, deadline_ms) = running_record(&token.attempt, lease);
         let renewed = self
-            .replace(key, lock, &running, millis(lease))
+            .replace(key, token, &running, millis(lease))
             .await
             .map_err(StoreError::backend)?;
         if renewed {
-            lock.set_store_note(deadline_ms);
+            token.deadline_ms = deadline_ms;
         }
-        Ok(renewed)
+        Ok(fenced(renewed))
     }
 
     async fn complete(
         &self,
         key: &str,
-        lock: &Lock,
+        token: &RedisToken,
         record: &CompletedRecord,
         ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Fenced, StoreError> {
         let key = self.key(key);
         let value = record.encode();
-        self.replace(key, lock, &value, millis(ttl))
+        self.replace(key, token, &value, millis(ttl))
             .await
+            .map(fenced)
             .map_err(StoreError::backend)
     }
 
-    async fn release(&self, key: &str, lock: &Lock) -> Result<bool, StoreError> {
+    async fn release(&self, key: &str, attempt: &Attempt) -> Result<Fenced, StoreError> {
         let key = self.key(key);
-        let prefix = RunningRecord::owner_prefix(lock.owner());
+        let prefix = RunningRecord::owner_prefix(attempt.owner());
         self.eval(&RELEASE, key, &[&prefix])
             .await
+            .map(fenced)
             .map_err(StoreError::backend)
+    }
+}
+
+fn fenced(applied: bool) -> Fenced {
+    if applied {
+        Fenced::Applied
+    } else {
+        Fenced::NotOwner
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod cluster;
+pub mod stub;
 use std::future::Future;
 use std::net::TcpListener;
 use std::path::PathBuf;

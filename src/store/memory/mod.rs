@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{Claim, IdempotencyStore, Lock, StoreError};
+use super::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
 use crate::record::CompletedRecord;
 
 use self::digest::Key;
@@ -167,10 +167,10 @@ impl MemoryStore {
     fn try_claim(
         &self,
         key: Key<'_>,
-        lock: &Lock,
+        attempt: &Attempt,
         lease: Duration,
         now: Instant,
-    ) -> Option<Result<Claim, StoreError>> {
+    ) -> Option<Result<Claim<Attempt>, StoreError>> {
         let mut inner = self.shard(key);
         if inner.sweep_due() {
             self.shared.forget(inner.sweep(now));
@@ -189,7 +189,7 @@ impl MemoryStore {
             Some(Entry::Completed { record, expires }) if *expires > now => {
                 let record = record.clone();
                 drop(inner);
-                let record = CompletedRecord::decode(record).map_err(StoreError::Corrupt);
+                let record = CompletedRecord::decode(record).map_err(StoreError::from);
                 return Some(record.map(Claim::Completed));
             }
             // Expired: gone before the new claim is counted in.
@@ -203,9 +203,9 @@ impl MemoryStore {
         if !self.shared.admit(RUNNING_BYTES) {
             return None;
         }
-        let entry = Entry::running(lock, deadline(now, lease));
+        let entry = Entry::running(attempt, deadline(now, lease));
         inner.insert(key, entry);
-        Some(Ok(Claim::Acquired))
+        Some(Ok(Claim::Acquired(*attempt)))
     }
 
     /// Sweeps every shard where an entry may have expired.
@@ -240,22 +240,30 @@ impl MemoryStore {
         ))
     }
 
-    /// Replaces the entry of `key` in place (no key allocation) with `f(now)` if `lock` still
-    /// owns it.
-    fn replace_owned(&self, key: &str, lock: &Lock, f: impl FnOnce(Instant) -> Entry) -> bool {
+    /// Replaces the entry of `key` in place (no key allocation) with `f(now)` if `attempt` still
+    /// owns it; `Applied` too if the entry already is what `f` would write (`same`), as after a
+    /// repeated complete.
+    fn replace_owned(
+        &self,
+        key: &str,
+        attempt: &Attempt,
+        same: impl FnOnce(&Entry) -> bool,
+        f: impl FnOnce(Instant) -> Entry,
+    ) -> Fenced {
         let now = Instant::now();
         let key = Key::of(key);
         let mut inner = self.shard(key);
         match inner.get_mut(key) {
-            Some(entry) if entry.is_owned_by(lock, now) => {
+            Some(entry) if entry.is_owned_by(attempt, now) => {
                 let new = f(now);
                 let expires = new.expires();
                 self.shared.resize(entry.bytes(), new.bytes());
                 *entry = new;
                 inner.expires_by(expires);
-                true
+                Fenced::Applied
             }
-            _ => false,
+            Some(entry) if entry.expires() > now && same(entry) => Fenced::Applied,
+            _ => Fenced::NotOwner,
         }
     }
 }
@@ -311,44 +319,68 @@ impl Default for MemoryStore {
 }
 
 impl IdempotencyStore for MemoryStore {
-    async fn claim(&self, key: &str, lock: &Lock, lease: Duration) -> Result<Claim, StoreError> {
+    /// The attempt itself: its owner token is all the store fences on.
+    type Token = Attempt;
+
+    async fn claim(
+        &self,
+        key: &str,
+        attempt: &Attempt,
+        lease: Duration,
+    ) -> Result<Claim<Attempt>, StoreError> {
         let now = Instant::now();
         let key = Key::of(key);
-        if let Some(claim) = self.try_claim(key, lock, lease, now) {
+        if let Some(claim) = self.try_claim(key, attempt, lease, now) {
             return claim;
         }
         // Full: expired entries do not hold room, so sweep them all and try once more.
         self.sweep_expired(now);
-        self.try_claim(key, lock, lease, now)
+        self.try_claim(key, attempt, lease, now)
             .unwrap_or_else(|| Err(self.full(now)))
     }
 
-    async fn renew(&self, key: &str, lock: &Lock, lease: Duration) -> Result<bool, StoreError> {
-        Ok(self.replace_owned(key, lock, |now| Entry::running(lock, deadline(now, lease))))
+    async fn renew(
+        &self,
+        key: &str,
+        attempt: &mut Attempt,
+        lease: Duration,
+    ) -> Result<Fenced, StoreError> {
+        let attempt = *attempt;
+        Ok(self.replace_owned(
+            key,
+            &attempt,
+            |_| false,
+            |now| Entry::running(&attempt, deadline(now, lease)),
+        ))
     }
 
     async fn complete(
         &self,
         key: &str,
-        lock: &Lock,
+        attempt: &Attempt,
         record: &CompletedRecord,
         ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Fenced, StoreError> {
         let record = Bytes::from(record.encode());
-        Ok(self.replace_owned(key, lock, |now| Entry::Completed {
-            record,
-            expires: deadline(now, ttl),
-        }))
+        let same = |entry: &Entry| matches!(entry, Entry::Completed { record: held, .. } if *held == record);
+        Ok(
+            self.replace_owned(key, attempt, same, |now| Entry::Completed {
+                record: record.clone(),
+                expires: deadline(now, ttl),
+            }),
+        )
     }
 
-    async fn release(&self, key: &str, lock: &Lock) -> Result<bool, StoreError> {
+    async fn release(&self, key: &str, attempt: &Attempt) -> Result<Fenced, StoreError> {
         let now = Instant::now();
         let key = Key::of(key);
         let mut inner = self.shard(key);
-        let owned = inner.get(key).is_some_and(|e| e.is_owned_by(lock, now));
-        if owned && let Some(released) = inner.remove(key) {
+        if !inner.get(key).is_some_and(|e| e.is_owned_by(attempt, now)) {
+            return Ok(Fenced::NotOwner);
+        }
+        if let Some(released) = inner.remove(key) {
             self.shared.forget((1, released.bytes()));
         }
-        Ok(owned)
+        Ok(Fenced::Applied)
     }
 }

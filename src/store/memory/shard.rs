@@ -11,7 +11,7 @@ use super::RUNNING_BYTES;
 use super::digest::Key;
 use crate::config::MAX_TTL;
 use crate::fingerprint::Fingerprint;
-use crate::store::Lock;
+use crate::store::Attempt;
 
 #[derive(Default)]
 pub(super) struct Inner {
@@ -48,10 +48,10 @@ pub(super) enum Entry {
 }
 
 impl Entry {
-    pub(super) fn running(lock: &Lock, deadline: Instant) -> Self {
+    pub(super) fn running(attempt: &Attempt, deadline: Instant) -> Self {
         Self::Running {
-            owner: *lock.owner(),
-            fingerprint: *lock.fingerprint(),
+            owner: *attempt.owner(),
+            fingerprint: *attempt.fingerprint(),
             deadline,
         }
     }
@@ -71,8 +71,8 @@ impl Entry {
         }
     }
 
-    pub(super) fn is_owned_by(&self, lock: &Lock, now: Instant) -> bool {
-        matches!(self, Self::Running { owner, deadline, .. } if owner == lock.owner() && *deadline > now)
+    pub(super) fn is_owned_by(&self, attempt: &Attempt, now: Instant) -> bool {
+        matches!(self, Self::Running { owner, deadline, .. } if owner == attempt.owner() && *deadline > now)
     }
 }
 

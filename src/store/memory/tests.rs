@@ -1,8 +1,8 @@
 //! The store's own tests: sharding, sweeping, digest keys, bounds.
 
 use super::digest::{digest, digest_bytes};
-use crate::fingerprint::Fingerprint;
 use super::*;
+use crate::fingerprint::Fingerprint;
 
 impl MemoryStore {
     /// The number of entries filed under digest keys.
@@ -28,7 +28,7 @@ async fn keys_spread_over_the_shards() {
         } else {
             format!("key-{i}")
         };
-        let lock = Lock::new(Fingerprint([0; 32]));
+        let lock = Attempt::new(Fingerprint([0; 32]));
         store
             .claim(&key, &lock, Duration::from_secs(30))
             .await
@@ -55,7 +55,7 @@ async fn expired_entries_are_swept() {
         _ => format!("{:032x}", (i as u128) << 8 | u128::from(tag.as_bytes()[0])),
     };
     for i in 0..100 {
-        let lock = Lock::new(Fingerprint([0; 32]));
+        let lock = Attempt::new(Fingerprint([0; 32]));
         store.claim(&key("k", i), &lock, lease).await.unwrap();
     }
     assert_eq!(store.len(), 100);
@@ -67,7 +67,7 @@ async fn expired_entries_are_swept() {
     // fewer than 8 is below 10^-20).
     let claims = 5_000;
     for i in 0..claims {
-        let lock = Lock::new(Fingerprint([0; 32]));
+        let lock = Attempt::new(Fingerprint([0; 32]));
         store.claim(&key("n", i), &lock, lease).await.unwrap();
     }
     // The old 100 are gone; the new ones are all live.
@@ -142,14 +142,14 @@ async fn digest_and_named_keys_do_not_collide() {
         "0000000000000000000000000000000abc",
     ];
     for key in keys {
-        let lock = Lock::new(Fingerprint([1; 32]));
+        let lock = Attempt::new(Fingerprint([1; 32]));
         let claim = store.claim(key, &lock, lease).await.unwrap();
-        assert!(matches!(claim, Claim::Acquired), "{key}: {claim:?}");
+        assert!(matches!(claim, Claim::Acquired(_)), "{key}: {claim:?}");
     }
     assert_eq!(store.len(), keys.len());
     assert_eq!(store.digests(), 1);
     for key in keys {
-        let lock = Lock::new(Fingerprint([1; 32]));
+        let lock = Attempt::new(Fingerprint([1; 32]));
         let claim = store.claim(key, &lock, lease).await.unwrap();
         assert!(matches!(claim, Claim::InFlight { .. }), "{key}: {claim:?}");
     }
@@ -160,7 +160,7 @@ async fn digest_and_named_keys_do_not_collide() {
 async fn completed_records_round_trip() {
     let store = MemoryStore::new();
     let key = "0123456789abcdef0123456789abcdef";
-    let lock = Lock::new(Fingerprint([2; 32]));
+    let lock = Attempt::new(Fingerprint([2; 32]));
     store
         .claim(key, &lock, Duration::from_secs(30))
         .await
@@ -171,18 +171,18 @@ async fn completed_records_round_trip() {
     let record = CompletedRecord::new(
         Fingerprint([2; 32]),
         http::StatusCode::ACCEPTED,
-        headers,
-        Bytes::from_static(b"done"),
-        false,
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_234),
     )
-    .with_expiry(1_234);
+    .with_headers(headers)
+    .with_body(Bytes::from_static(b"done"));
     assert!(
         store
             .complete(key, &lock, &record, Duration::from_secs(60))
             .await
             .unwrap()
+            .applied()
     );
-    let other = Lock::new(Fingerprint([2; 32]));
+    let other = Attempt::new(Fingerprint([2; 32]));
     match store.claim(key, &other, Duration::from_secs(30)).await {
         Ok(Claim::Completed(stored)) => assert_eq!(stored, record),
         other => panic!("{other:?}"),
@@ -214,21 +214,21 @@ fn record(body: &'static [u8]) -> CompletedRecord {
     CompletedRecord::new(
         Fingerprint([0; 32]),
         http::StatusCode::OK,
-        headers,
-        Bytes::from_static(body),
-        false,
+        std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
     )
+    .with_headers(headers)
+    .with_body(Bytes::from_static(body))
 }
 
-async fn claim(store: &MemoryStore, key: &str) -> (Lock, Result<Claim, StoreError>) {
-    let lock = Lock::new(Fingerprint([0; 32]));
+async fn claim(store: &MemoryStore, key: &str) -> (Attempt, Result<Claim<Attempt>, StoreError>) {
+    let lock = Attempt::new(Fingerprint([0; 32]));
     let claim = store.claim(key, &lock, LEASE).await;
     (lock, claim)
 }
 
-async fn acquire(store: &MemoryStore, key: &str) -> Lock {
+async fn acquire(store: &MemoryStore, key: &str) -> Attempt {
     match claim(store, key).await {
-        (lock, Ok(Claim::Acquired)) => lock,
+        (lock, Ok(Claim::Acquired(_))) => lock,
         (_, other) => panic!("{key}: {other:?}"),
     }
 }
@@ -255,10 +255,16 @@ async fn a_full_store_refuses_new_keys_and_answers_held_ones() {
         Ok(Claim::InFlight { .. })
     ));
     let done = record(b"done");
-    assert!(store.complete("k1", &locks[1], &done, TTL).await.unwrap());
+    assert!(
+        store
+            .complete("k1", &locks[1], &done, TTL)
+            .await
+            .unwrap()
+            .applied()
+    );
     assert!(matches!(claim(&store, "k1").await.1, Ok(Claim::Completed(r)) if r == done));
     // A release makes room for one new key.
-    assert!(store.release("k2", &locks[2]).await.unwrap());
+    assert!(store.release("k2", &locks[2]).await.unwrap().applied());
     acquire(&store, "k4").await;
     assert_full(&store, "k5").await;
     assert_counted(&store);
@@ -279,7 +285,13 @@ async fn the_byte_bound_refuses_new_keys_but_stores_every_record() {
     let store = MemoryStore::new().max_bytes(2 * size + RUNNING_BYTES);
     for key in ["a", "b"] {
         let lock = acquire(&store, key).await;
-        assert!(store.complete(key, &lock, &record, TTL).await.unwrap());
+        assert!(
+            store
+                .complete(key, &lock, &record, TTL)
+                .await
+                .unwrap()
+                .applied()
+        );
     }
     assert_eq!(store.bytes(), 2 * size);
     // Room for one running claim, not two.
@@ -287,7 +299,13 @@ async fn the_byte_bound_refuses_new_keys_but_stores_every_record() {
     assert_eq!(store.bytes(), 2 * size + RUNNING_BYTES);
     assert_full(&store, "d").await;
     // The running claim's record passes the bound, and is stored all the same.
-    assert!(store.complete("c", &c, &record, TTL).await.unwrap());
+    assert!(
+        store
+            .complete("c", &c, &record, TTL)
+            .await
+            .unwrap()
+            .applied()
+    );
     assert_eq!(store.bytes(), 3 * size);
     assert!(matches!(claim(&store, "c").await.1, Ok(Claim::Completed(r)) if r == record));
     assert_full(&store, "d").await;
@@ -321,7 +339,13 @@ async fn counts_follow_every_change() {
         assert_full(&store, &key(base + bound)).await;
         assert_counted(&store);
         for (i, lock) in locks.iter().enumerate() {
-            assert!(store.renew(&key(base + i), lock, LEASE).await.unwrap());
+            assert!(
+                store
+                    .renew(&key(base + i), &mut lock.clone(), LEASE)
+                    .await
+                    .unwrap()
+                    .applied()
+            );
         }
         // Half completed, half released.
         for (i, lock) in locks.iter().enumerate() {
@@ -331,9 +355,10 @@ async fn counts_follow_every_change() {
                         .complete(&key(base + i), lock, &done, TTL)
                         .await
                         .unwrap()
+                        .applied()
                 );
             } else {
-                assert!(store.release(&key(base + i), lock).await.unwrap());
+                assert!(store.release(&key(base + i), lock).await.unwrap().applied());
             }
         }
         assert_eq!(store.len(), bound / 2);
@@ -351,7 +376,7 @@ async fn counts_follow_every_change() {
         assert_eq!(store.len(), bound);
         assert_counted(&store);
         for (i, lock) in (bound..).zip(&locks) {
-            assert!(store.release(&key(base + i), lock).await.unwrap());
+            assert!(store.release(&key(base + i), lock).await.unwrap().applied());
         }
         // The completed records expire and are swept as the store fills up.
         tokio::time::advance(TTL).await;
@@ -378,7 +403,7 @@ async fn concurrent_claims_stay_within_the_bound() {
             tokio::spawn(async move {
                 let mut acquired = 0;
                 for i in 0..100 {
-                    if let (_, Ok(Claim::Acquired)) = claim(&store, &format!("{t}-{i}")).await {
+                    if let (_, Ok(Claim::Acquired(_))) = claim(&store, &format!("{t}-{i}")).await {
                         acquired += 1;
                     }
                 }
