@@ -123,6 +123,8 @@
 //! - `cache`: [`LocalCache`], an in-process cache of completed records for hot replays.
 //! - `metrics`: counters and histograms through the `metrics` facade; names in [`metrics`].
 //! - `json` (default): [`KeySource::json_field`], keys read from a JSON body (Stripe events).
+//! - `postgres`: [`PgStore`], the store on Postgres (through `sqlx`; bring your own TLS
+//!   feature of `sqlx` if your database needs it).
 //! - `conformance`: [`conformance`] and [`store_conformance_tests!`], the kit that checks a store
 //!   against the [`IdempotencyStore`] contract.
 //!
@@ -179,6 +181,8 @@ pub use rejection::{Rejection, RejectionKind};
 pub use service::{IDEMPOTENT_REPLAYED, Idempotency, ResponseFuture};
 pub use source::KeySource;
 pub use store::memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use store::postgres::PgStore;
 #[cfg(feature = "redis")]
 pub use store::redis::{Fencing, RedisStore, RedisToken};
 pub use store::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};

@@ -33,6 +33,8 @@ use crate::fingerprint::Fingerprint;
 use crate::record::{CompletedRecord, DecodeError};
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 

@@ -10,6 +10,8 @@
 
 pub mod backend;
 pub mod cluster;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod stub;
 use std::future::Future;
 use std::net::TcpListener;

@@ -1,0 +1,411 @@
+//! The Postgres store (feature `postgres`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sqlx::postgres::PgRow;
+use sqlx::{AssertSqlSafe, PgPool, Row};
+
+use super::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::record::CompletedRecord;
+
+/// The table used unless [`PgStore::table`] names another.
+pub const DEFAULT_TABLE: &str = "idempotency_keys";
+/// The schema used unless [`PgStore::schema`] names another.
+pub const DEFAULT_SCHEMA: &str = "public";
+
+/// An [`IdempotencyStore`] on Postgres: one row per scoped key, in a table of its own in the
+/// application's database, so services that run Postgres and no Redis have a store they already
+/// operate.
+///
+/// # Table
+///
+/// ```sql
+/// CREATE TABLE public.idempotency_keys (
+///     key         text PRIMARY KEY,     -- the layer's scoped key
+///     owner       bytea NOT NULL,       -- the attempt that claimed it
+///     fingerprint bytea NOT NULL,       -- its request's fingerprint
+///     record      bytea,                -- the completed record; NULL while running
+///     expires_at  timestamptz NOT NULL  -- the lease while running, the record TTL once completed
+/// );
+/// ```
+///
+/// [`PgStore::migrate`] creates it (and its schema and the index the purge uses) if missing;
+/// `migrations/postgres.sql` holds the same statements for the default names, for your own
+/// migration tool.
+///
+/// # Statements
+///
+/// | operation | statement | round trips |
+/// |---|---|---|
+/// | claim | `INSERT … ON CONFLICT (key) DO UPDATE … WHERE expires_at <= now`, with a read of the row that holds the key in the same statement | 1 |
+/// | renew | `UPDATE … WHERE key = $1 AND owner = $2 AND record IS NULL AND expires_at > now` | 1 |
+/// | complete | `UPDATE … SET record = $3 WHERE key = $1 AND owner = $2 AND (record IS NULL OR record = $3)` | 1 |
+/// | release | `DELETE … WHERE key = $1 AND owner = $2 AND record IS NULL` | 1 |
+///
+/// Leases and expiries are computed with the database's clock (`clock_timestamp()`), so
+/// instances with skewed clocks agree. An expired row counts as absent: a claim takes it over.
+/// Expired rows are deleted by [`PgStore::purge_expired`] in bounded batches, which
+/// [`PgStore::spawn_purger`] runs periodically.
+///
+/// A completion is fenced on the owner only: once a complete has updated the row, its lease no
+/// longer matters, and a competing claim waits on the row lock and then finds the record.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    sql: Arc<Statements>,
+}
+
+/// The statements for one table, built once from validated identifiers.
+struct Statements {
+    schema: String,
+    table: String,
+    claim: Arc<str>,
+    renew: Arc<str>,
+    complete: Arc<str>,
+    release: Arc<str>,
+    purge: Arc<str>,
+}
+
+impl Statements {
+    fn new(schema: &str, table: &str) -> Self {
+        let t = format!("\"{schema}\".\"{table}\"");
+        // The INSERT claims an absent or expired key; the SELECT reads, in the same statement,
+        // the row that holds it otherwise. Under READ COMMITTED that read uses the statement's
+        // snapshot, so a row another claim committed meanwhile can be missing from it (or seen
+        // expired): the caller then runs the statement again.
+        let claim = format!(
+            "WITH claimed AS (
+                INSERT INTO {t} AS e (key, owner, fingerprint, record, expires_at)
+                VALUES ($1, $2, $3, NULL, clock_timestamp() + $4 * interval '1 millisecond')
+                ON CONFLICT (key) DO UPDATE
+                    SET owner = EXCLUDED.owner, fingerprint = EXCLUDED.fingerprint,
+                        record = NULL, expires_at = EXCLUDED.expires_at
+                    WHERE e.expires_at <= clock_timestamp()
+                RETURNING e.key
+            )
+            SELECT true AS acquired, NULL::bytea AS owner, NULL::bytea AS fingerprint,
+                   NULL::bytea AS record, 0::int8 AS left_ms
+            FROM claimed
+            UNION ALL
+            SELECT false, owner, fingerprint, record,
+                   (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8
+            FROM {t} WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)"
+        );
+        let renew = format!(
+            "UPDATE {t} SET expires_at = clock_timestamp() + $3 * interval '1 millisecond'
+             WHERE key = $1 AND owner = $2 AND record IS NULL AND expires_at > clock_timestamp()"
+        );
+        let complete = format!(
+            "UPDATE {t} SET record = $3, expires_at = clock_timestamp() + $4 * interval '1 millisecond'
+             WHERE key = $1 AND owner = $2 AND (record IS NULL OR record = $3)"
+        );
+        let release = format!("DELETE FROM {t} WHERE key = $1 AND owner = $2 AND record IS NULL");
+        let purge = format!(
+            "DELETE FROM {t} WHERE key IN (
+                SELECT key FROM {t} WHERE expires_at < clock_timestamp() LIMIT $1
+                FOR UPDATE SKIP LOCKED)"
+        );
+        Self {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+            claim: claim.into(),
+            renew: renew.into(),
+            complete: complete.into(),
+            release: release.into(),
+            purge: purge.into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("schema", &self.sql.schema)
+            .field("table", &self.sql.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A schema or table name that is not a plain SQL identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidIdentifier(String);
+
+impl std::fmt::Display for InvalidIdentifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:?} is not a plain SQL identifier (ASCII letters, digits and `_`, not starting \
+             with a digit, at most 63 bytes)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidIdentifier {}
+
+fn identifier(name: &str) -> Result<&str, InvalidIdentifier> {
+    let plain = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if plain {
+        Ok(name)
+    } else {
+        Err(InvalidIdentifier(name.to_owned()))
+    }
+}
+
+impl PgStore {
+    /// A store on `pool`, in table `idempotency_keys` of schema `public`. Call
+    /// [`migrate`](Self::migrate) once (or run `migrations/postgres.sql`) before use.
+    ///
+    /// Size the pool for the requests in flight: each holds a connection only during a store
+    /// operation. A pool that has none free makes the operation wait, within the layer's store
+    /// timeout.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            sql: Arc::new(Statements::new(DEFAULT_SCHEMA, DEFAULT_TABLE)),
+        }
+    }
+
+    /// Sets the table's schema.
+    ///
+    /// Defaults to `public`.
+    pub fn schema(self, schema: &str) -> Result<Self, InvalidIdentifier> {
+        let table = self.sql.table.clone();
+        self.named(identifier(schema)?, &table)
+    }
+
+    /// Sets the table's name.
+    ///
+    /// Defaults to `idempotency_keys`.
+    pub fn table(self, table: &str) -> Result<Self, InvalidIdentifier> {
+        let schema = self.sql.schema.clone();
+        self.named(&schema, identifier(table)?)
+    }
+
+    fn named(mut self, schema: &str, table: &str) -> Result<Self, InvalidIdentifier> {
+        self.sql = Arc::new(Statements::new(schema, table));
+        Ok(self)
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The statements that create the schema, the table and its expiry index, each
+    /// `IF NOT EXISTS`.
+    pub fn ddl(&self) -> Vec<String> {
+        let (schema, table) = (&self.sql.schema, &self.sql.table);
+        let t = format!("\"{schema}\".\"{table}\"");
+        vec![
+            format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t} (\n    \
+                 key text PRIMARY KEY,\n    \
+                 owner bytea NOT NULL,\n    \
+                 fingerprint bytea NOT NULL,\n    \
+                 record bytea,\n    \
+                 expires_at timestamptz NOT NULL\n)"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS \"{table}_expires_at\" ON {t} (expires_at)"),
+        ]
+    }
+
+    /// Creates the schema, the table and its index if they are missing. Safe to call at every
+    /// start, from several instances at once.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::backend)?;
+        // Concurrent `CREATE … IF NOT EXISTS` can still collide; one transaction-scoped lock
+        // makes starting instances take turns.
+        sqlx::query("SELECT pg_advisory_xact_lock(7402341651820437)")
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::backend)?;
+        for statement in self.ddl() {
+            sqlx::query(AssertSqlSafe(statement))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+        }
+        tx.commit().await.map_err(StoreError::backend)
+    }
+
+    /// Deletes up to `batch` expired rows; returns how many. Rows another transaction holds are
+    /// skipped, so a purge never waits on a request.
+    pub async fn purge_expired(&self, batch: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(AssertSqlSafe(self.sql.purge.clone()))
+            .bind(i64::from(batch))
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(done.rows_affected())
+    }
+
+    /// Runs [`purge_expired`](Self::purge_expired) every `every`, in batches of `batch` until a
+    /// batch comes back short, in a task of its own. Errors are logged and retried at the next
+    /// tick. Abort the returned handle to stop it.
+    pub fn spawn_purger(&self, every: Duration, batch: u32) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                ticks.tick().await;
+                loop {
+                    match store.purge_expired(batch).await {
+                        Ok(n) if n == u64::from(batch) => continue,
+                        Ok(_) => break,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "purging expired idempotency rows failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    async fn fenced(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Fenced, StoreError> {
+        let done = query
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(if done.rows_affected() == 1 {
+            Fenced::Applied
+        } else {
+            Fenced::NotOwner
+        })
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis())
+        .unwrap_or(i64::MAX)
+        .clamp(1, crate::config::MAX_TTL.as_millis() as i64)
+}
+
+/// What a claim found in the row that holds the key.
+fn held(row: &PgRow) -> Result<Option<Claim<Attempt>>, StoreError> {
+    let get = |name| -> Result<Option<Vec<u8>>, StoreError> {
+        row.try_get(name).map_err(StoreError::corrupt)
+    };
+    let left_ms: i64 = row.try_get("left_ms").map_err(StoreError::corrupt)?;
+    if left_ms <= 0 {
+        // Expired in the snapshot the read saw: not an answer.
+        return Ok(None);
+    }
+    if let Some(record) = get("record")? {
+        return Ok(Some(Claim::Completed(CompletedRecord::decode(
+            Bytes::from(record),
+        )?)));
+    }
+    let fingerprint = get("fingerprint")?
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .ok_or_else(|| StoreError::corrupt("a running row without a 32-byte fingerprint"))?;
+    Ok(Some(Claim::InFlight {
+        fingerprint: Fingerprint::from_bytes(fingerprint),
+        retry_after: Duration::from_millis(left_ms.unsigned_abs()),
+    }))
+}
+
+impl IdempotencyStore for PgStore {
+    /// The attempt: every fenced statement matches its owner token.
+    type Token = Attempt;
+
+    async fn claim(
+        &self,
+        key: &str,
+        attempt: &Attempt,
+        lease: Duration,
+    ) -> Result<Claim<Attempt>, StoreError> {
+        // A few tries: each misses only when another claim of the key committed while this
+        // statement ran.
+        for _ in 0..3 {
+            let row = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
+                .bind(key)
+                .bind(&attempt.owner()[..])
+                .bind(&attempt.fingerprint().as_bytes()[..])
+                .bind(millis(lease))
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            let Some(row) = row else { continue };
+            if row
+                .try_get::<bool, _>("acquired")
+                .map_err(StoreError::corrupt)?
+            {
+                return Ok(Claim::Acquired(*attempt));
+            }
+            // This attempt's own running row: a claim sent again after its answer was lost.
+            let owner: Option<Vec<u8>> = row.try_get("owner").map_err(StoreError::corrupt)?;
+            let record: Option<Vec<u8>> = row.try_get("record").map_err(StoreError::corrupt)?;
+            if record.is_none() && owner.as_deref() == Some(&attempt.owner()[..]) {
+                return Ok(Claim::Acquired(*attempt));
+            }
+            if let Some(claim) = held(&row)? {
+                return Ok(claim);
+            }
+        }
+        Err(StoreError::backend(
+            "the key changed hands during every try of the claim",
+        ))
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        attempt: &mut Attempt,
+        lease: Duration,
+    ) -> Result<Fenced, StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
+            .bind(key)
+            .bind(&attempt.owner()[..])
+            .bind(millis(lease));
+        self.fenced(query).await
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        attempt: &Attempt,
+        record: &CompletedRecord,
+        ttl: Duration,
+    ) -> Result<Fenced, StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
+            .bind(key)
+            .bind(&attempt.owner()[..])
+            .bind(record.encode())
+            .bind(millis(ttl));
+        self.fenced(query).await
+    }
+
+    async fn release(&self, key: &str, attempt: &Attempt) -> Result<Fenced, StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+            .bind(key)
+            .bind(&attempt.owner()[..]);
+        self.fenced(query).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_identifiers_are_accepted() {
+        for ok in ["idempotency_keys", "_x", "a1", "Schema"] {
+            assert_eq!(identifier(ok), Ok(ok));
+        }
+        for bad in ["", "1a", "a-b", "a\"b", "a b", "é", &"x".repeat(64)] {
+            assert!(identifier(bad).is_err(), "{bad:?}");
+        }
+    }
+}
