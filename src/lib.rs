@@ -182,7 +182,7 @@ pub use service::{IDEMPOTENT_REPLAYED, Idempotency, ResponseFuture};
 pub use source::KeySource;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use store::postgres::PgStore;
+pub use store::postgres::{PgStore, PgToken, PgTx};
 #[cfg(feature = "redis")]
 pub use store::redis::{Fencing, RedisStore, RedisToken};
 pub use store::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};

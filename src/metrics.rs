@@ -3,7 +3,7 @@
 //! | name | kind | labels |
 //! |---|---|---|
 //! | `idempotency_requests_total` | counter | `outcome`: acquired, replayed, in_flight, mismatch, rejected, store_error, fail_open |
-//! | `idempotency_store_duration_seconds` | histogram | `op`: claim, renew, complete, release |
+//! | `idempotency_store_duration_seconds` | histogram | `op`: claim, prepare (transactional stores), renew, complete, release |
 //! | `idempotency_store_errors_total` | counter | `op` |
 //! | `idempotency_handler_duration_seconds` | histogram | |
 //! | `idempotency_lease_renewals_total` | counter | |
@@ -81,13 +81,13 @@ pub(crate) fn store_op(op: &'static str, lap: Lap, ok: bool) {
     let seconds = lap.0;
     with_static_label!(
         op,
-        ["claim", "renew", "complete", "release"],
+        ["claim", "prepare", "renew", "complete", "release"],
         histogram!("idempotency_store_duration_seconds", "op").record(seconds)
     );
     if !ok {
         with_static_label!(
             op,
-            ["claim", "renew", "complete", "release"],
+            ["claim", "prepare", "renew", "complete", "release"],
             counter!("idempotency_store_errors_total", "op").increment(1)
         );
     }

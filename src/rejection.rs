@@ -37,6 +37,14 @@ pub enum RejectionKind {
     StoreUnavailable,
     /// `500`: the stored record for this key is unreadable; the handler did not run.
     CorruptRecord,
+    /// `409`: with a store that commits the handler's writes with its record, this attempt lost
+    /// its claim before it could commit (its lease lapsed and another attempt took the key
+    /// over): its writes were rolled back. A retry gets the other attempt's outcome. Carries
+    /// `Retry-After`.
+    LeaseLost,
+    /// `503`: with a store that commits the handler's writes with its record, the commit
+    /// failed: the writes did not happen, and the key was released. Carries `Retry-After`.
+    CommitFailed,
     /// `500`: the handler panicked or its response body failed; the claim was released, so a
     /// retry runs it again.
     HandlerFailed,
@@ -50,9 +58,9 @@ impl RejectionKind {
                 StatusCode::BAD_REQUEST
             }
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::InFlight => StatusCode::CONFLICT,
+            Self::InFlight | Self::LeaseLost => StatusCode::CONFLICT,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::CommitFailed => StatusCode::SERVICE_UNAVAILABLE,
             Self::CorruptRecord | Self::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -68,6 +76,8 @@ impl RejectionKind {
             Self::KeyReused => "Idempotency key reused",
             Self::StoreUnavailable => "Idempotency store unavailable",
             Self::CorruptRecord => "Stored response unreadable",
+            Self::LeaseLost => "Idempotency claim lost",
+            Self::CommitFailed => "Commit failed",
             Self::HandlerFailed => "Request handler failed",
         }
     }
@@ -82,6 +92,8 @@ impl RejectionKind {
             Self::KeyReused => "KeyReused",
             Self::StoreUnavailable => "StoreUnavailable",
             Self::CorruptRecord => "CorruptRecord",
+            Self::LeaseLost => "LeaseLost",
+            Self::CommitFailed => "CommitFailed",
             Self::HandlerFailed => "HandlerFailed",
         }
     }
@@ -166,6 +178,20 @@ impl Rejection {
         let detail = "the stored response for this idempotency key is unreadable; \
                       the request was not processed";
         Self::new(RejectionKind::CorruptRecord, detail)
+    }
+
+    /// `409`: the attempt lost its claim before its writes could commit; they were rolled back.
+    pub(crate) fn lease_lost() -> Self {
+        let detail = "another request with this idempotency key took over while this one ran; \
+                      this request's changes were rolled back; retry to get the outcome";
+        Self::new(RejectionKind::LeaseLost, detail).with_retry_after(STORE_RETRY_AFTER)
+    }
+
+    /// `503`: the handler's writes and the record could not be committed.
+    pub(crate) fn commit_failed() -> Self {
+        let detail = "the request's changes could not be committed, so none of them happened; \
+                      it may be retried";
+        Self::new(RejectionKind::CommitFailed, detail).with_retry_after(STORE_RETRY_AFTER)
     }
 
     /// `500`: the handler panicked or its body failed; the key was released.

@@ -123,7 +123,20 @@ where
             claim = Box::pin(ctx.wait_in_flight(&attempt, claim, &mut watch)).await;
         }
         match claim {
-            Ok(Claim::Acquired(token)) => {
+            Ok(Claim::Acquired(mut token)) => {
+                let prepared = if ctx.shared.store.commits_handler_writes(&token) {
+                    // Boxed: only transactional stores take this step.
+                    let prepare =
+                        ctx.prepare(&attempt, &mut token, &mut parts.extensions, &mut watch);
+                    Box::pin(prepare).await
+                } else {
+                    Ok(())
+                };
+                if let Err(err) = prepared {
+                    record_outcome(Outcome::StoreError);
+                    tracing::error!(route = %ctx.route, error = %err, "could not prepare the handler's unit of work; request refused");
+                    return Ok(ctx.shared.config.render(&Rejection::store_unavailable()));
+                }
                 record_outcome(Outcome::Acquired);
                 parts.extensions.insert(key);
                 let req = Request::from_parts(parts, ReqBody::from(body));
@@ -275,8 +288,12 @@ where
                 if ctx.route.answered_by_router(parts.status) {
                     ctx.release(&attempt, &mut watch).await;
                 } else if (ctx.shared.config.store_response)(&parts) {
-                    ctx.complete(&attempt, &mut token, &mut parts, &body, &mut watch)
+                    let completed = ctx
+                        .complete(&attempt, &mut token, &mut parts, &body, &mut watch)
                         .await;
+                    if let Err(rejection) = completed {
+                        return Ok(rejected(&ctx.shared.config, &rejection));
+                    }
                 } else {
                     ctx.release(&attempt, &mut watch).await;
                 }

@@ -15,6 +15,7 @@ use super::response::record_of;
 use super::scope::{RouteName, ScopedKey};
 use crate::metrics::{self, Stopwatch};
 use crate::record::CompletedRecord;
+use crate::rejection::Rejection;
 use crate::store::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
 
 /// What the protected path needs besides the inner service, shared by the handler task and the
@@ -215,7 +216,7 @@ impl<St: IdempotencyStore> Ctx<St> {
         parts: &mut http::response::Parts,
         body: &Bytes,
         watch: &mut Stopwatch,
-    ) {
+    ) -> Result<(), Rejection> {
         let ttl = self.shared.config.record_ttl;
         // Built in a block of its own: a local moved into the record would otherwise keep its
         // room in this future across the store's `await`.
@@ -229,8 +230,10 @@ impl<St: IdempotencyStore> Ctx<St> {
                 store.complete(self.scoped.as_str(), token, &record, ttl),
             )
             .await;
+        let transactional = store.commits_handler_writes(token);
         if let Err(err) = &stored
             && err.outcome_unknown()
+            && !transactional
         {
             tracing::warn!(route = %self.route, error = %err, "could not store the response; trying again");
             // Boxed: rare, and its future would make every first delivery's future larger.
@@ -260,6 +263,25 @@ impl<St: IdempotencyStore> Ctx<St> {
                     cache.insert(self.scoped.as_str(), record);
                 }
             }
+            // The handler's writes were rolled back with the record: its answer must not go out.
+            Ok(Fenced::NotOwner) if transactional => {
+                metrics::count(metrics::LEASES_LOST);
+                tracing::warn!(
+                    route = %self.route,
+                    "lease lost before the handler's writes could commit; they were rolled back"
+                );
+                return Err(Rejection::lease_lost());
+            }
+            Err(err) if transactional => {
+                tracing::error!(
+                    route = %self.route,
+                    error = %err,
+                    "could not commit the handler's writes with the response; nothing happened, \
+                     the key is released"
+                );
+                self.release(attempt, watch).await;
+                return Err(Rejection::commit_failed());
+            }
             Ok(Fenced::NotOwner) => {
                 metrics::count(metrics::LEASES_LOST);
                 tracing::warn!(
@@ -274,6 +296,32 @@ impl<St: IdempotencyStore> Ctx<St> {
                  claimed until its lease lapses, and a retry after that runs the handler again"
             ),
         }
+        Ok(())
+    }
+
+    /// Lets the store prepare the handler's unit of work ([`IdempotencyStore::prepare`]). If it
+    /// fails, or this future is dropped meanwhile, the claim is released in the background.
+    pub(super) async fn prepare(
+        &self,
+        attempt: &Attempt,
+        token: &mut St::Token,
+        extensions: &mut http::Extensions,
+        watch: &mut Stopwatch,
+    ) -> Result<(), StoreError> {
+        let mut unwound = ReleaseOnDrop {
+            ctx: self,
+            attempt,
+            armed: true,
+        };
+        let prepared = self
+            .timed(
+                "prepare",
+                watch,
+                self.shared.store.prepare(token, extensions),
+            )
+            .await;
+        unwound.armed = prepared.is_err();
+        prepared
     }
 
     /// Tries again to store a response whose first try failed: while the store fails, with

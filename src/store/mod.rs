@@ -249,6 +249,35 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
         key: &str,
         attempt: &Attempt,
     ) -> impl Future<Output = Result<Fenced, StoreError>> + Send;
+
+    /// Called once a request holds its claim, just before its handler runs, for a token for
+    /// which [`commits_handler_writes`](Self::commits_handler_writes) is `true`: a store whose
+    /// `complete` can commit together with the handler's own writes (a transactional store,
+    /// such as `PgStore` in transactional mode) opens that unit of work here, keeps it in the
+    /// token, and puts what the handler needs to join it into the request's `extensions`.
+    ///
+    /// An error answers the request `503` and releases the claim. The default does nothing.
+    fn prepare(
+        &self,
+        token: &mut Self::Token,
+        extensions: &mut http::Extensions,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (token, extensions);
+        async { Ok(()) }
+    }
+
+    /// Whether this token's attempt runs its handler in a unit of work the store opens
+    /// ([`prepare`](Self::prepare)) and `complete` commits together with the record. Then a complete that fails or
+    /// answers [`Fenced::NotOwner`] means the handler's writes did not happen either: the
+    /// layer answers with an error instead of the handler's response, releases the claim, and
+    /// does not try the complete again (the unit of work is gone). A token dropped without a
+    /// complete must undo the work (a transaction rolls back).
+    ///
+    /// The default is `false`.
+    fn commits_handler_writes(&self, token: &Self::Token) -> bool {
+        let _ = token;
+        false
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sqlx::postgres::PgRow;
-use sqlx::{AssertSqlSafe, PgPool, Row};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 
 use super::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -56,6 +56,58 @@ pub const DEFAULT_SCHEMA: &str = "public";
 pub struct PgStore {
     pool: PgPool,
     sql: Arc<Statements>,
+    transactional: bool,
+}
+
+/// A transaction shared by the layer and the handler's [`PgTx`]: the layer takes it back to
+/// complete and commit it.
+type SharedTx = Arc<tokio::sync::Mutex<Option<Transaction<'static, Postgres>>>>;
+
+/// What [`PgStore`] remembers about a claim it granted: the attempt, and in transactional mode
+/// the transaction opened for its handler. Dropped without a complete, the transaction rolls
+/// back.
+#[derive(Debug)]
+pub struct PgToken {
+    attempt: Attempt,
+    tx: Option<SharedTx>,
+}
+
+/// The handler's share of the request's transaction, with [`PgStore::transactional`]: run the
+/// handler's queries on [`PgTx::conn`], and the layer commits them together with the stored
+/// response, or rolls them back. The handler cannot commit or roll back itself.
+///
+/// With the `axum` feature it is an extractor; the request must come through the layer over a
+/// transactional `PgStore`, or the extractor answers `500`.
+#[derive(Clone, Debug)]
+pub struct PgTx(SharedTx);
+
+impl PgTx {
+    /// The transaction's connection, for the handler's queries:
+    /// `sqlx::query(..).execute(&mut *tx.conn().await?)`. Hold it only for a query or a few:
+    /// the layer needs it back when the handler answers.
+    pub async fn conn(
+        &self,
+    ) -> Result<tokio::sync::MappedMutexGuard<'_, PgConnection>, StoreError> {
+        tokio::sync::MutexGuard::try_map(self.0.lock().await, |slot| {
+            slot.as_mut().map(|tx| &mut **tx)
+        })
+        .map_err(|_| StoreError::backend("the request's transaction has ended"))
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PgTx {
+    type Rejection = (http::StatusCode, &'static str);
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<PgTx>().cloned().ok_or((
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            "PgTx needs the idempotency layer over a PgStore in transactional mode",
+        ))
+    }
 }
 
 /// The statements for one table, built once from validated identifiers.
@@ -125,6 +177,7 @@ impl std::fmt::Debug for PgStore {
         f.debug_struct("PgStore")
             .field("schema", &self.sql.schema)
             .field("table", &self.sql.table)
+            .field("transactional", &self.transactional)
             .finish_non_exhaustive()
     }
 }
@@ -169,7 +222,34 @@ impl PgStore {
         Self {
             pool,
             sql: Arc::new(Statements::new(DEFAULT_SCHEMA, DEFAULT_TABLE)),
+            transactional: false,
         }
+    }
+
+    /// Runs each claimed request's handler in a transaction of its own on the pool, which the
+    /// handler joins through the [`PgTx`] extractor, and writes the completed record **inside
+    /// that transaction**, fenced on the attempt, before committing it: the handler's writes
+    /// and its stored response commit together or not at all.
+    ///
+    /// - A process that dies before the commit leaves neither; the retry after the lease runs
+    ///   the handler once.
+    /// - An attempt whose lease lapsed and was taken over finds the key no longer its own when
+    ///   it completes: everything rolls back and its client gets `409` (`LeaseLost`), so even a
+    ///   stalled instance cannot apply its writes after another attempt did.
+    /// - An answer that is not stored (5xx by default, a panic) rolls back and releases the key.
+    /// - A commit that fails answers `503` (`CommitFailed`) and releases the key: if the commit
+    ///   did happen after all, the release finds the key completed and leaves it, and the retry
+    ///   replays; if not, the retry runs once.
+    ///
+    /// It covers writes in this database only: a call from the handler to another system
+    /// happens whatever the transaction does (forward the key to it). The lease is renewed on
+    /// other connections while the handler runs, so each request in flight holds two
+    /// connections at times: size the pool for that.
+    ///
+    /// Defaults to `false`: the handler's writes are its own, and the record is stored after.
+    pub fn transactional(mut self, enabled: bool) -> Self {
+        self.transactional = enabled;
+        self
     }
 
     /// Sets the table's schema.
@@ -293,7 +373,7 @@ fn millis(d: Duration) -> i64 {
 }
 
 /// What a claim found in the row that holds the key.
-fn held(row: &PgRow) -> Result<Option<Claim<Attempt>>, StoreError> {
+fn held(row: &PgRow) -> Result<Option<Claim<()>>, StoreError> {
     let get = |name| -> Result<Option<Vec<u8>>, StoreError> {
         row.try_get(name).map_err(StoreError::corrupt)
     };
@@ -317,15 +397,18 @@ fn held(row: &PgRow) -> Result<Option<Claim<Attempt>>, StoreError> {
 }
 
 impl IdempotencyStore for PgStore {
-    /// The attempt: every fenced statement matches its owner token.
-    type Token = Attempt;
+    type Token = PgToken;
 
     async fn claim(
         &self,
         key: &str,
         attempt: &Attempt,
         lease: Duration,
-    ) -> Result<Claim<Attempt>, StoreError> {
+    ) -> Result<Claim<PgToken>, StoreError> {
+        let token = || PgToken {
+            attempt: *attempt,
+            tx: None,
+        };
         // A few tries: each misses only when another claim of the key committed while this
         // statement ran.
         for _ in 0..3 {
@@ -342,16 +425,26 @@ impl IdempotencyStore for PgStore {
                 .try_get::<bool, _>("acquired")
                 .map_err(StoreError::corrupt)?
             {
-                return Ok(Claim::Acquired(*attempt));
+                return Ok(Claim::Acquired(token()));
             }
             // This attempt's own running row: a claim sent again after its answer was lost.
             let owner: Option<Vec<u8>> = row.try_get("owner").map_err(StoreError::corrupt)?;
             let record: Option<Vec<u8>> = row.try_get("record").map_err(StoreError::corrupt)?;
             if record.is_none() && owner.as_deref() == Some(&attempt.owner()[..]) {
-                return Ok(Claim::Acquired(*attempt));
+                return Ok(Claim::Acquired(token()));
             }
-            if let Some(claim) = held(&row)? {
-                return Ok(claim);
+            match held(&row)? {
+                Some(Claim::InFlight {
+                    fingerprint,
+                    retry_after,
+                }) => {
+                    return Ok(Claim::InFlight {
+                        fingerprint,
+                        retry_after,
+                    });
+                }
+                Some(Claim::Completed(record)) => return Ok(Claim::Completed(record)),
+                _ => {}
             }
         }
         Err(StoreError::backend(
@@ -362,12 +455,12 @@ impl IdempotencyStore for PgStore {
     async fn renew(
         &self,
         key: &str,
-        attempt: &mut Attempt,
+        token: &mut PgToken,
         lease: Duration,
     ) -> Result<Fenced, StoreError> {
         let query = sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
             .bind(key)
-            .bind(&attempt.owner()[..])
+            .bind(&token.attempt.owner()[..])
             .bind(millis(lease));
         self.fenced(query).await
     }
@@ -375,16 +468,33 @@ impl IdempotencyStore for PgStore {
     async fn complete(
         &self,
         key: &str,
-        attempt: &Attempt,
+        token: &PgToken,
         record: &CompletedRecord,
         ttl: Duration,
     ) -> Result<Fenced, StoreError> {
         let query = sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
             .bind(key)
-            .bind(&attempt.owner()[..])
+            .bind(&token.attempt.owner()[..])
             .bind(record.encode())
             .bind(millis(ttl));
-        self.fenced(query).await
+        let Some(shared) = &token.tx else {
+            return self.fenced(query).await;
+        };
+        // The record goes in the handler's transaction, which commits only if this attempt
+        // still owns the key.
+        let tx = shared.try_lock().ok().and_then(|mut slot| slot.take());
+        let Some(mut tx) = tx else {
+            return Err(StoreError::backend(
+                "the handler still holds the request's transaction (or it has ended)",
+            ));
+        };
+        let done = query.execute(&mut *tx).await.map_err(StoreError::backend)?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await.map_err(StoreError::backend)?;
+            return Ok(Fenced::NotOwner);
+        }
+        tx.commit().await.map_err(StoreError::backend)?;
+        Ok(Fenced::Applied)
     }
 
     async fn release(&self, key: &str, attempt: &Attempt) -> Result<Fenced, StoreError> {
@@ -392,6 +502,23 @@ impl IdempotencyStore for PgStore {
             .bind(key)
             .bind(&attempt.owner()[..]);
         self.fenced(query).await
+    }
+
+    /// In transactional mode, opens the handler's transaction and hands it a [`PgTx`].
+    async fn prepare(
+        &self,
+        token: &mut PgToken,
+        extensions: &mut http::Extensions,
+    ) -> Result<(), StoreError> {
+        let tx = self.pool.begin().await.map_err(StoreError::backend)?;
+        let shared: SharedTx = Arc::new(tokio::sync::Mutex::new(Some(tx)));
+        extensions.insert(PgTx(shared.clone()));
+        token.tx = Some(shared);
+        Ok(())
+    }
+
+    fn commits_handler_writes(&self, _token: &PgToken) -> bool {
+        self.transactional
     }
 }
 

@@ -173,4 +173,16 @@ impl<S: IdempotencyStore> IdempotencyStore for Stub<S> {
         let fault = self.enter(Op::Release, key);
         faulty(fault, self.inner.release(key, attempt)).await
     }
+
+    async fn prepare(
+        &self,
+        token: &mut S::Token,
+        extensions: &mut http::Extensions,
+    ) -> Result<(), StoreError> {
+        self.inner.prepare(token, extensions).await
+    }
+
+    fn commits_handler_writes(&self, token: &S::Token) -> bool {
+        self.inner.commits_handler_writes(token)
+    }
 }
