@@ -240,32 +240,45 @@ impl MemoryStore {
         ))
     }
 
-    /// Replaces the entry of `key` in place (no key allocation) with `f(now)` if `attempt` still
-    /// owns it; `Applied` too if the entry already is what `f` would write (`same`), as after a
-    /// repeated complete.
-    fn replace_owned(
-        &self,
-        key: &str,
-        attempt: &Attempt,
-        same: impl FnOnce(&Entry) -> bool,
-        f: impl FnOnce(Instant) -> Entry,
-    ) -> Fenced {
+    /// Replaces the entry of `key` in place (no key allocation) with `next` if `attempt` still
+    /// owns it. A completed entry that already holds the record `next` would write (a complete
+    /// repeated after it applied) answers `Applied` too.
+    fn replace_owned(&self, key: &str, attempt: &Attempt, next: Next) -> Fenced {
         let now = Instant::now();
         let key = Key::of(key);
         let mut inner = self.shard(key);
         match inner.get_mut(key) {
             Some(entry) if entry.is_owned_by(attempt, now) => {
-                let new = f(now);
+                let new = match next {
+                    Next::Running { lease } => Entry::running(attempt, deadline(now, lease)),
+                    Next::Completed { record, ttl } => Entry::Completed {
+                        record,
+                        expires: deadline(now, ttl),
+                    },
+                };
                 let expires = new.expires();
                 self.shared.resize(entry.bytes(), new.bytes());
                 *entry = new;
                 inner.expires_by(expires);
                 Fenced::Applied
             }
-            Some(entry) if entry.expires() > now && same(entry) => Fenced::Applied,
+            Some(Entry::Completed {
+                record: held,
+                expires,
+            }) if *expires > now
+                && matches!(&next, Next::Completed { record, .. } if record == held) =>
+            {
+                Fenced::Applied
+            }
             _ => Fenced::NotOwner,
         }
     }
+}
+
+/// What [`MemoryStore::replace_owned`] writes.
+enum Next {
+    Running { lease: Duration },
+    Completed { record: Bytes, ttl: Duration },
 }
 
 impl Shared {
@@ -345,13 +358,7 @@ impl IdempotencyStore for MemoryStore {
         attempt: &mut Attempt,
         lease: Duration,
     ) -> Result<Fenced, StoreError> {
-        let attempt = *attempt;
-        Ok(self.replace_owned(
-            key,
-            &attempt,
-            |_| false,
-            |now| Entry::running(&attempt, deadline(now, lease)),
-        ))
+        Ok(self.replace_owned(key, attempt, Next::Running { lease }))
     }
 
     async fn complete(
@@ -362,13 +369,7 @@ impl IdempotencyStore for MemoryStore {
         ttl: Duration,
     ) -> Result<Fenced, StoreError> {
         let record = Bytes::from(record.encode());
-        let same = |entry: &Entry| matches!(entry, Entry::Completed { record: held, .. } if *held == record);
-        Ok(
-            self.replace_owned(key, attempt, same, |now| Entry::Completed {
-                record: record.clone(),
-                expires: deadline(now, ttl),
-            }),
-        )
+        Ok(self.replace_owned(key, attempt, Next::Completed { record, ttl }))
     }
 
     async fn release(&self, key: &str, attempt: &Attempt) -> Result<Fenced, StoreError> {
