@@ -95,19 +95,7 @@ async fn purge_deletes_expired_rows_only() {
 }
 
 async fn send(app: &Router, key: &str, body: &'static str) -> (StatusCode, bool, String) {
-    let request = Request::post("/pay")
-        .header("idempotency-key", key)
-        .body(Body::from(body))
-        .unwrap();
-    let response = app.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let replayed = response.headers().contains_key("idempotent-replayed");
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        replayed,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
+    answer(app, pay_with(key, body, &[])).await
 }
 
 fn app<St: IdempotencyStore>(store: St) -> Router {
@@ -173,6 +161,28 @@ async fn an_unreachable_database_fails_closed() {
     assert!(body.contains("StoreUnavailable"), "{body}");
 }
 
+/// Sixteen claims of `key` at once, with fingerprints from `first` on.
+fn spawn_claims(
+    store: &PgStore,
+    key: &str,
+    first: u8,
+) -> Vec<
+    tokio::task::JoinHandle<
+        Result<tower_idempotency::Claim<tower_idempotency::PgToken>, tower_idempotency::StoreError>,
+    >,
+> {
+    (0..16)
+        .map(|i| {
+            let (store, key) = (store.clone(), key.to_owned());
+            tokio::spawn(async move {
+                store
+                    .claim(&key, &Attempt::new(fp(first + i)), Duration::from_secs(30))
+                    .await
+            })
+        })
+        .collect()
+}
+
 /// READ COMMITTED and the one-statement claim: many claims of an expired key, and many claims
 /// racing the holder's complete, each get an answer (never an error, never two owners).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,16 +194,7 @@ async fn racing_claims_get_one_owner_and_always_an_answer() {
         let old = Attempt::new(fp(1));
         expect_acquired(&store, &key, &old, Duration::from_millis(20), "old").await;
         tokio::time::sleep(Duration::from_millis(40)).await;
-        let claims: Vec<_> = (0..16)
-            .map(|i| {
-                let (store, key) = (store.clone(), key.clone());
-                tokio::spawn(async move {
-                    store
-                        .claim(&key, &Attempt::new(fp(10 + i)), Duration::from_secs(30))
-                        .await
-                })
-            })
-            .collect();
+        let claims = spawn_claims(&store, &key, 10);
         let mut acquired = 0;
         for claim in claims {
             match claim.await.unwrap() {
@@ -209,16 +210,7 @@ async fn racing_claims_get_one_owner_and_always_an_answer() {
         let key = format!("completing-{round}");
         let holder = Attempt::new(fp(2));
         let token = expect_acquired(&store, &key, &holder, Duration::from_secs(30), "holder").await;
-        let claims: Vec<_> = (0..16)
-            .map(|i| {
-                let (store, key) = (store.clone(), key.clone());
-                tokio::spawn(async move {
-                    store
-                        .claim(&key, &Attempt::new(fp(40 + i)), Duration::from_secs(30))
-                        .await
-                })
-            })
-            .collect();
+        let claims = spawn_claims(&store, &key, 40);
         let record = plain_record(fp(2), StatusCode::OK, b"done");
         assert!(
             store
