@@ -14,6 +14,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
+use crate::fingerprint::Fingerprint;
 use crate::record::CompletedRecord;
 
 use self::digest::Key;
@@ -162,15 +163,9 @@ impl MemoryStore {
         lock(&self.shared.shards[index % SHARDS])
     }
 
-    /// Claims `key` if it is free and the bounds allow it, or answers what holds it; `None` if
-    /// the key is free but the store is full.
-    fn try_claim(
-        &self,
-        key: Key<'_>,
-        attempt: &Attempt,
-        lease: Duration,
-        now: Instant,
-    ) -> Option<Result<Claim<Attempt>, StoreError>> {
+    /// Claims `key` if it is free and the bounds allow it, or finds what holds it. A record is
+    /// decoded by the caller, outside the shard's lock.
+    fn try_claim(&self, key: Key<'_>, attempt: &Attempt, lease: Duration, now: Instant) -> Found {
         let mut inner = self.shard(key);
         if inner.sweep_due() {
             self.shared.forget(inner.sweep(now));
@@ -181,16 +176,13 @@ impl MemoryStore {
                 deadline,
                 ..
             }) if *deadline > now => {
-                return Some(Ok(Claim::InFlight {
+                return Found::InFlight {
                     fingerprint: *fingerprint,
                     retry_after: *deadline - now,
-                }));
+                };
             }
             Some(Entry::Completed { record, expires }) if *expires > now => {
-                let record = record.clone();
-                drop(inner);
-                let record = CompletedRecord::decode(record).map_err(StoreError::from);
-                return Some(record.map(Claim::Completed));
+                return Found::Completed(record.clone());
             }
             // Expired: gone before the new claim is counted in.
             Some(_) => {
@@ -201,11 +193,10 @@ impl MemoryStore {
             None => {}
         }
         if !self.shared.admit(RUNNING_BYTES) {
-            return None;
+            return Found::Full;
         }
-        let entry = Entry::running(attempt, deadline(now, lease));
-        inner.insert(key, entry);
-        Some(Ok(Claim::Acquired(*attempt)))
+        inner.insert(key, Entry::running(attempt, deadline(now, lease)));
+        Found::Acquired
     }
 
     /// Sweeps every shard where an entry may have expired.
@@ -273,6 +264,18 @@ impl MemoryStore {
             _ => Fenced::NotOwner,
         }
     }
+}
+
+/// What a claim found in its shard: the answer, the record to decode outside the lock, or no
+/// room for a new key.
+enum Found {
+    Acquired,
+    InFlight {
+        fingerprint: Fingerprint,
+        retry_after: Duration,
+    },
+    Completed(Bytes),
+    Full,
 }
 
 /// What [`MemoryStore::replace_owned`] writes.
@@ -343,13 +346,27 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<Claim<Attempt>, StoreError> {
         let now = Instant::now();
         let key = Key::of(key);
-        if let Some(claim) = self.try_claim(key, attempt, lease, now) {
-            return claim;
+        let mut swept = false;
+        loop {
+            return match self.try_claim(key, attempt, lease, now) {
+                Found::Acquired => Ok(Claim::Acquired(*attempt)),
+                Found::InFlight {
+                    fingerprint,
+                    retry_after,
+                } => Ok(Claim::InFlight {
+                    fingerprint,
+                    retry_after,
+                }),
+                Found::Completed(record) => Ok(Claim::Completed(CompletedRecord::decode(record)?)),
+                Found::Full if swept => Err(self.full(now)),
+                // Expired entries hold no room: sweep them all, and try once more.
+                Found::Full => {
+                    self.sweep_expired(now);
+                    swept = true;
+                    continue;
+                }
+            };
         }
-        // Full: expired entries do not hold room, so sweep them all and try once more.
-        self.sweep_expired(now);
-        self.try_claim(key, attempt, lease, now)
-            .unwrap_or_else(|| Err(self.full(now)))
     }
 
     async fn renew(
