@@ -1,36 +1,23 @@
 //! The Redis store.
 
+mod command;
+mod fencing;
+
+pub use fencing::Fencing;
+
 use std::sync::Arc;
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use redis::RedisError;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 
+use self::command::{CLAIM, Key, RELEASE, command, is_refusal, millis, refuses_writes};
+use self::fencing::running_record;
 use super::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
 use crate::clock::unix_ms;
 use crate::record::{CompletedRecord, RunningRecord, Stored};
-
-/// A Lua script and its SHA-1, computed once.
-struct Lua {
-    source: &'static str,
-    script: LazyLock<Script>,
-}
-
-macro_rules! lua {
-    ($file:literal) => {
-        Lua {
-            source: include_str!($file),
-            script: LazyLock::new(|| Script::new(include_str!($file))),
-        }
-    };
-}
-
-static REPLACE: Lua = lua!("lua/replace.lua");
-static RELEASE: Lua = lua!("lua/release.lua");
-static CLAIM: Lua = lua!("lua/claim.lua");
 
 /// The key prefix used unless [`RedisStore::key_prefix`] sets another.
 pub const DEFAULT_KEY_PREFIX: &str = "idempotency:";
@@ -102,36 +89,6 @@ pub struct RedisStore<C = ConnectionManager> {
     fencing: Arc<AtomicU8>,
     /// Whether a fencing probe has been started (see [`RedisStore::detect_fencing`]).
     probing: Arc<AtomicBool>,
-}
-
-/// The key (after the prefix) that [`RedisStore::detect_fencing`] sends its probe to. Never
-/// written: the layer's keys are 32 hex digits.
-const FENCING_PROBE: &str = "fencing-probe";
-
-/// How a [`RedisStore`] fences renew and complete, so that an attempt that lost its lease
-/// cannot overwrite the entry of another ([`RedisStore::fencing`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Fencing {
-    /// Not decided yet: renew and complete use the script until a probe has found out (see
-    /// [`RedisStore::detect_fencing`]).
-    Undecided,
-    /// Native compare-and-set, `SET key <value> IFEQ <running record> PX <ttl>` (Redis 8.4 and
-    /// later): one command that costs Redis about what a plain `SET` does.
-    Native,
-    /// The `replace.lua` script (`EVALSHA`): for servers without `SET .. IFEQ`, or when chosen
-    /// with [`RedisStore::fence_with_script`].
-    Script,
-}
-
-impl Fencing {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => Self::Native,
-            2 => Self::Script,
-            _ => Self::Undecided,
-        }
-    }
 }
 
 /// What [`RedisStore`] remembers about a claim it granted: the attempt, and the deadline of the
@@ -252,40 +209,6 @@ where
         self
     }
 
-    /// How renew and complete are fenced: decided when the store is made with
-    /// [`RedisStore::new`] or `RedisStore::cluster`, by [`RedisStore::detect_fencing`], or
-    /// set with [`RedisStore::fence_with_script`]. A store made with
-    /// [`RedisStore::from_connection`] fences with the script until a probe, sent in the
-    /// background on its first renew or complete, has found out.
-    pub fn fencing(&self) -> Fencing {
-        Fencing::from_u8(self.fencing.load(Ordering::Relaxed))
-    }
-
-    /// Asks the server whether it has the native compare-and-set (`SET .. IFEQ`, Redis 8.4 and
-    /// later, Valkey 8.1 and later) and fences with it from then on, or with the script if not.
-    /// One round trip that writes nothing: a `SET .. IFEQ` of a key no entry uses.
-    ///
-    /// [`RedisStore::new`] and `RedisStore::cluster` call it; call it yourself after
-    /// [`RedisStore::from_connection`] to decide before the first request. Leaves a store set
-    /// with [`fence_with_script(true)`](RedisStore::fence_with_script) as it is.
-    pub async fn detect_fencing(&self) -> Result<Fencing, StoreError> {
-        if self.fencing() == Fencing::Script {
-            return Ok(Fencing::Script);
-        }
-        let probe = self.key(FENCING_PROBE);
-        let mut cmd = command("SET", 7, probe.len());
-        cmd.arg(probe).arg("").arg("IFEQ").arg("").arg("PX").arg(1);
-        let mode = match self.query::<redis::Value>(&cmd).await {
-            Ok(_) => Fencing::Native,
-            Err(err) if is_refusal(&err) => Fencing::Script,
-            Err(err) => return Err(StoreError::backend(err)),
-        };
-        if self.set_fencing(mode) {
-            tracing::debug!(fencing = ?mode, "fencing mode decided");
-        }
-        Ok(mode)
-    }
-
     /// The Redis key holding the entry for the layer's scoped `key`.
     pub fn redis_key(&self, key: &str) -> String {
         let mut out = String::with_capacity(self.prefix.len() + key.len());
@@ -298,46 +221,6 @@ where
         Key {
             prefix: &self.prefix,
             key,
-        }
-    }
-
-    /// Sends `cmd`; if its connection turns out to be gone (Redis closed it for being idle, a
-    /// proxy or a failover reset it), sends it once more on the connection the manager makes in
-    /// its place. Every command this store sends is safe to send twice (see "Resending" above).
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, RedisError> {
-        let mut conn = self.conn.clone();
-        match cmd.query_async(&mut conn).await {
-            Err(err) if err.is_connection_dropped() || err.is_unrecoverable_error() => {
-                tracing::debug!(error = %err, "Redis connection lost; sending the command again");
-                cmd.query_async(&mut conn).await
-            }
-            other => other,
-        }
-    }
-
-    /// Runs a script by its hash, sending its source once if the server does not have it.
-    async fn eval<T: redis::FromRedisValue>(
-        &self,
-        lua: &Lua,
-        key: Key<'_>,
-        args: &[&[u8]],
-    ) -> Result<T, RedisError> {
-        let build = |verb: &str, body: &str| {
-            let data =
-                verb.len() + body.len() + key.len() + args.iter().map(|a| a.len()).sum::<usize>();
-            let mut cmd = command(verb, 4 + args.len(), data);
-            cmd.arg(body).arg(1).arg(key);
-            for arg in args {
-                cmd.arg(*arg);
-            }
-            cmd
-        };
-        match self.query(&build("EVALSHA", lua.script.get_hash())).await {
-            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                // EVAL runs the script and caches it, so the next EVALSHA finds it.
-                self.query(&build("EVAL", lua.source)).await
-            }
-            other => other,
         }
     }
 
@@ -373,195 +256,6 @@ where
         self.eval(&CLAIM, key, &[running, lease_ms.to_string().as_bytes()])
             .await
     }
-}
-
-impl<C> RedisStore<C>
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
-    /// Replaces the running record the token's attempt owns at `key` with `value`, kept for
-    /// `ttl_ms`: natively where the server supports it, else with the script. Returns whether
-    /// the attempt still owned it.
-    async fn replace(
-        &self,
-        key: Key<'_>,
-        token: &RedisToken,
-        value: &[u8],
-        ttl_ms: u64,
-    ) -> Result<bool, RedisError> {
-        match self.fencing() {
-            Fencing::Native => match self.replace_native(key, token, value, ttl_ms).await {
-                // The server stopped accepting `SET .. IFEQ` (a failover to an older server, a
-                // proxy): any ERR-coded refusal switches to the script, which every server runs.
-                Err(err) if is_refusal(&err) => {
-                    if self.set_fencing(Fencing::Script) {
-                        tracing::warn!(
-                            error = %err,
-                            "Redis refused SET .. IFEQ, which it accepted before; \
-                             fencing with a script from now on"
-                        );
-                    }
-                }
-                other => return other,
-            },
-            // Not known yet (a store made with `from_connection`): the script, which every server
-            // runs, while one probe finds out in the background, never under a request's timeout.
-            Fencing::Undecided => self.probe_fencing_in_background(),
-            Fencing::Script => {}
-        }
-        let prefix = RunningRecord::owner_prefix(token.attempt.owner());
-        let ttl = ttl_ms.to_string();
-        self.eval(&REPLACE, key, &[&prefix, value, ttl.as_bytes()])
-            .await
-    }
-
-    /// `SET key <value> IFEQ <running record> PX <ttl>`, the running record being the one this
-    /// attempt last wrote (its deadline is the token's). If the value there differs, it
-    /// is read back: still this attempt's running record (a renewal whose reply was lost wrote a
-    /// later deadline), the write is tried again on that exact value; `value` itself (this write,
-    /// sent again after its reply was lost), it applied; anything else, the attempt lost the key.
-    async fn replace_native(
-        &self,
-        key: Key<'_>,
-        token: &RedisToken,
-        value: &[u8],
-        ttl_ms: u64,
-    ) -> Result<bool, RedisError> {
-        let mut expected = Some(running_record_at(&token.attempt, token.deadline_ms).to_vec());
-        for _ in 0..3 {
-            let current = match expected.take() {
-                Some(current) => current,
-                None => {
-                    let current: Option<Vec<u8>> =
-                        self.query(command("GET", 2, key.len()).arg(key)).await?;
-                    match current {
-                        Some(v) if v == value => return Ok(true),
-                        Some(v) if is_running_record_of(&v, &token.attempt) => v,
-                        _ => return Ok(false),
-                    }
-                }
-            };
-            let mut cmd = command("SET", 7, key.len() + value.len() + current.len());
-            cmd.arg(key)
-                .arg(value)
-                .arg("IFEQ")
-                .arg(current)
-                .arg("PX")
-                .arg(ttl_ms);
-            let reply: redis::Value = self.query(&cmd).await?;
-            if !matches!(reply, redis::Value::Nil) {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
-    /// [`RedisStore::detect_fencing`] for a store being made: a server that cannot answer now
-    /// (a read-only replica, a full one) leaves the store undecided, to ask again later.
-    async fn decide_fencing(&self) {
-        if let Err(err) = self.detect_fencing().await {
-            tracing::debug!(error = %err, "could not ask Redis about SET .. IFEQ; will ask again");
-        }
-    }
-
-    /// Starts [`RedisStore::detect_fencing`] in a task of its own, once per store.
-    fn probe_fencing_in_background(&self) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self.probing.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let store = self.clone();
-        runtime.spawn(async move {
-            if let Err(err) = store.detect_fencing().await {
-                tracing::debug!(error = %err, "could not ask Redis about SET .. IFEQ; will ask again");
-                store.probing.store(false, Ordering::Relaxed);
-            }
-        });
-    }
-
-    /// Records the fencing mode; returns whether it changed. Written only on a change, so the
-    /// shared flag is not written on every operation.
-    fn set_fencing(&self, mode: Fencing) -> bool {
-        let mode = mode as u8;
-        self.fencing.load(Ordering::Relaxed) != mode
-            && self.fencing.swap(mode, Ordering::Relaxed) != mode
-    }
-}
-
-/// The Redis key of an entry, `<prefix><scoped key>`, written into a command as one argument
-/// without first being joined into a `String`.
-#[derive(Clone, Copy)]
-struct Key<'a> {
-    prefix: &'a str,
-    key: &'a str,
-}
-
-impl Key<'_> {
-    fn len(self) -> usize {
-        self.prefix.len() + self.key.len()
-    }
-}
-
-impl redis::ToRedisArgs for Key<'_> {
-    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
-        use std::io::Write;
-        let mut arg = out.writer_for_next_arg();
-        // Writing to a command's buffer cannot fail.
-        let _ = arg.write_all(self.prefix.as_bytes());
-        let _ = arg.write_all(self.key.as_bytes());
-    }
-}
-
-/// A command with room for `args` arguments (the name included) and `data` bytes of them plus
-/// a few short options and numbers, so that adding them never reallocates.
-fn command(name: &str, args: usize, data: usize) -> Cmd {
-    let mut cmd = Cmd::with_capacity(args, name.len() + data + 32);
-    cmd.arg(name);
-    cmd
-}
-
-/// Whether the server refused a command it does not know or whose options it does not accept
-/// (an `ERR`-coded reply), as opposed to failing to run it.
-fn is_refusal(err: &RedisError) -> bool {
-    err.code() == Some("ERR")
-}
-
-/// Whether the server refused a write because it takes none now: out of memory under
-/// `maxmemory` with `noeviction`, or a read-only replica.
-fn refuses_writes(err: &RedisError) -> bool {
-    matches!(err.code(), Some("OOM" | "READONLY"))
-}
-
-/// Whether `value` is a running record written for `attempt`.
-fn is_running_record_of(value: &[u8], attempt: &Attempt) -> bool {
-    value.len() == RunningRecord::LEN
-        && value.starts_with(&RunningRecord::owner_prefix(attempt.owner()))
-}
-
-fn millis(d: Duration) -> u64 {
-    // Redis rejects a PX of 0 (a zero duration means "expire at once", i.e. 1 ms) and one that
-    // overflows its clock (capped at 100 years here).
-    const MAX_MS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
-    u64::try_from(d.as_millis())
-        .unwrap_or(MAX_MS)
-        .clamp(1, MAX_MS)
-}
-
-/// The running record of `attempt` with a deadline `lease` from now, and that deadline.
-fn running_record(attempt: &Attempt, lease: Duration) -> ([u8; RunningRecord::LEN], u64) {
-    let deadline_ms = unix_ms().saturating_add(millis(lease)).max(1);
-    (running_record_at(attempt, deadline_ms), deadline_ms)
-}
-
-fn running_record_at(attempt: &Attempt, deadline_ms: u64) -> [u8; RunningRecord::LEN] {
-    RunningRecord {
-        owner: *attempt.owner(),
-        fingerprint: *attempt.fingerprint(),
-        deadline_ms,
-    }
-    .encode()
 }
 
 impl<C> IdempotencyStore for RedisStore<C>
