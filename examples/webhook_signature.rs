@@ -17,7 +17,8 @@
 //!   instead when `webhook-id` is absent: the same choice the preset makes for its key, so the
 //!   id that was signed is always the id the layer deduplicates on;
 //! - the signed content is `{webhook-id}.{webhook-timestamp}.{raw body}`, signed with
-//!   HMAC-SHA256 keyed with the secret: the part after the `whsec_` prefix, base64-decoded. A
+//!   HMAC-SHA256 keyed with the secret: the part after the `whsec_` prefix, base64-decoded, with
+//!   or without its `=` padding (the `standardwebhooks` and `svix` libraries accept both). A
 //!   secret without the prefix is base64-decoded all the same, as the reference libraries do; a
 //!   secret that is not base64 is refused at startup;
 //! - signatures are compared in constant time;
@@ -78,8 +79,10 @@
 //! ID="msg_$(openssl rand -hex 12)"
 //! BODY='{"type":"invoice.paid","data":{"invoice_id":"inv_1","amount":1000}}'
 //!
-//! # The HMAC key is the base64 part of the secret, decoded; openssl wants it in hex.
-//! KEY_HEX=$(printf '%s' "${SECRET#whsec_}" | openssl base64 -d -A | od -An -vtx1 | tr -d ' \n')
+//! # The HMAC key is the base64 part of the secret, decoded; openssl wants it in hex, and its
+//! # padding restored (without it, openssl silently drops the last bytes).
+//! B64=${SECRET#whsec_}; while [ $(( ${#B64} % 4 )) -ne 0 ]; do B64="$B64="; done
+//! KEY_HEX=$(printf '%s' "$B64" | openssl base64 -d -A | od -An -vtx1 | tr -d ' \n')
 //!
 //! # Sends $BODY as delivery $ID, signed now (or $1 seconds ago), as a sender and each of its
 //! # retries would.
@@ -141,7 +144,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::engine::general_purpose::{STANDARD as BASE64, STANDARD_PAD_INDIFFERENT};
 use hmac::{Hmac, KeyInit, Mac};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
@@ -202,10 +205,12 @@ impl std::fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    /// A verifier for `secret`: `whsec_` followed by base64, or the base64 alone.
+    /// A verifier for `secret`: `whsec_` followed by base64, or the base64 alone, padded or
+    /// not.
     fn new(secret: &str) -> Result<Self, String> {
         let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
-        let key = BASE64
+        // Padding optional, as in the reference libraries: some senders show secrets without it.
+        let key = STANDARD_PAD_INDIFFERENT
             .decode(encoded)
             .map_err(|err| format!("the secret is not whsec_ followed by base64 ({err})"))?;
         if key.is_empty() {
@@ -700,7 +705,7 @@ mod tests {
 
     /// Signs as a sender does, independently of [`Verifier`]: `v1,<base64 HMAC-SHA256>`.
     fn sign(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> String {
-        let key = BASE64
+        let key = STANDARD_PAD_INDIFFERENT
             .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
             .unwrap();
         let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
@@ -1037,8 +1042,41 @@ mod tests {
         assert_eq!(h.send(delivery("msg_1", 0, BODY)).await.0, StatusCode::OK);
 
         // A secret that is not base64 (a raw string, say) is refused up front, not used as is.
-        for secret in ["whsec_", "", "whsec_not base64!", "my raw secret"] {
+        for secret in [
+            "whsec_",
+            "",
+            "whsec_not base64!",
+            "my raw secret",
+            "whsec_a",
+        ] {
             assert!(Verifier::new(secret).is_err(), "{secret:?} accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_secret_without_its_padding_is_the_same_key() {
+        // 22 bytes: base64 with two `=` of padding, which some senders leave out (the
+        // `standardwebhooks` and `svix` libraries restore it).
+        let padded = "whsec_dGhpcyBpcyBub3QgdGhlIHNlY3JldA==";
+        let unpadded = padded.trim_end_matches('=');
+        assert_ne!(padded, unpadded);
+        for secret in [unpadded, &padded[..padded.len() - 1], padded] {
+            let verifier = Verifier::new(secret).unwrap_or_else(|err| panic!("{secret}: {err}"));
+            let mut request = delivery("msg_1", 0, BODY);
+            let timestamp = request.headers()["webhook-timestamp"].clone();
+            // Signed by a sender holding the padded form of the secret.
+            let signature = sign(
+                padded,
+                "msg_1",
+                timestamp.to_str().unwrap(),
+                BODY.as_bytes(),
+            );
+            request
+                .headers_mut()
+                .insert("webhook-signature", signature.parse().unwrap());
+            let h = Harness::with(verifier);
+            assert_eq!(h.send(request).await.0, StatusCode::OK, "{secret}");
+            assert_eq!(h.processed(), 1, "{secret}");
         }
     }
 
