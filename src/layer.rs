@@ -263,6 +263,9 @@ impl<St> IdempotencyLayer<St> {
     /// [`Rejection`] into an [`http::Response`] whose body is anything that converts into
     /// [`Bytes`] (`Bytes`, `String`, `Vec<u8>`, `&'static str`).
     ///
+    /// [`Rejection::to_stripe_response`] is a ready-made renderer for APIs whose clients are
+    /// Stripe's SDKs or modelled on them: `.rejection_with(Rejection::to_stripe_response)`.
+    ///
     /// With axum, `http` is `axum::http`: name the type `http::Response` (or
     /// `axum::http::Response`) rather than importing it, so that it does not clash with
     /// `axum::response::Response`, which `f` cannot return (its body may stream; a rejection's

@@ -51,7 +51,10 @@
 //! | router answers `405`, or with axum `404` for no matched route | answer passed on, key released |
 //!
 //! Every answer the layer makes itself is `application/problem+json` (RFC 9457); see
-//! [`Rejection`] and [`IdempotencyLayer::rejection_with`].
+//! [`Rejection`] and [`IdempotencyLayer::rejection_with`]. For an API whose clients are
+//! Stripe's SDKs (or modelled on them), [`Rejection::to_stripe_response`] answers as Stripe
+//! does: a reused key is a `400` `idempotency_error`, which those SDKs raise as their
+//! `IdempotencyError`.
 //!
 //! The key is read from `Idempotency-Key`, else `X-Idempotency-Key`
 //! ([configurable](IdempotencyLayer::key_headers)), bare (`abc`) or as an RFC 8941 string
