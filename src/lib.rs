@@ -120,12 +120,17 @@
 //!
 //! # Feature flags
 //!
+//! The defaults are `axum`, `redis` and `json`. An application that keeps its records in a
+//! [`MemoryStore`] only leaves Redis out of its build with
+//! `tower-idempotency = { version = "0.2", default-features = false, features = ["axum"] }`.
+//!
 //! - `redis` (default): [`RedisStore`].
 //! - `axum` (default): the [`IdempotencyKey`] extractor and scoping by axum's matched route.
 //! - `cluster`: `RedisStore::cluster`, for Redis Cluster.
 //! - `cache`: [`LocalCache`], an in-process cache of completed records for hot replays.
 //! - `metrics`: counters and histograms through the `metrics` facade; names in [`metrics`].
-//! - `json` (default): [`KeySource::json_field`], keys read from a JSON body (Stripe events).
+//! - `json` (default): [`KeySource::json_field`] and [`IdempotencyLayer::stripe_webhooks`], keys
+//!   read from a JSON body (Stripe events).
 //! - `conformance`: [`conformance`] and [`store_conformance_tests!`], the kit that checks a store
 //!   against the [`IdempotencyStore`] contract.
 //!
