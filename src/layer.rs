@@ -221,9 +221,10 @@ impl<St> IdempotencyLayer<St> {
     /// an API key id) from the request, so two callers using the same key never see each
     /// other's responses. Requests for which `f` returns `None` share one caller-less scope.
     ///
-    /// Keys are always scoped by route as well: the matched route (with the `axum` feature and
-    /// [`Router::route_layer`](https://docs.rs/axum/latest/axum/struct.Router.html#method.route_layer)),
-    /// otherwise the request path.
+    /// Keys are always scoped by route as well: the matched route (with the `axum` feature, an
+    /// application on axum 0.8 and
+    /// [`Router::route_layer`](https://docs.rs/axum/0.8/axum/struct.Router.html#method.route_layer)),
+    /// otherwise the request path (with the `axum` feature, the layer warns about it once).
     ///
     /// Defaults to no caller scope.
     pub fn scope_with<F>(mut self, f: F) -> Self

@@ -274,11 +274,14 @@ where
             Ok(Ok((mut parts, Ok(body)))) => {
                 if ctx.route.answered_by_router(parts.status) {
                     ctx.release(&attempt, &mut watch).await;
-                } else if (ctx.shared.config.store_response)(&parts) {
-                    ctx.complete(&attempt, &mut token, &mut parts, &body, &mut watch)
-                        .await;
                 } else {
-                    ctx.release(&attempt, &mut watch).await;
+                    ctx.route.warn_if_scoped_by_path();
+                    if (ctx.shared.config.store_response)(&parts) {
+                        ctx.complete(&attempt, &mut token, &mut parts, &body, &mut watch)
+                            .await;
+                    } else {
+                        ctx.release(&attempt, &mut watch).await;
+                    }
                 }
                 Ok(Response::from_parts(parts, ResBody::from(body)))
             }
