@@ -56,7 +56,7 @@
 //! The program prints `listening on http://ADDR` on standard output once it accepts
 //! connections; logs go to standard error. Ctrl-C (or `SIGTERM`) stops it.
 //!
-//! # Endpoint
+//! # Endpoints
 //!
 //! `POST /webhooks`: a signed delivery whose body is a JSON object with a string `type` (as
 //! Standard Webhooks payloads have). Answers:
@@ -68,6 +68,11 @@
 //!   outside the tolerance, or no signature matches;
 //! - `413` problem: the body is over 1 MiB;
 //! - the layer's own answers (`409`, `422`, `503`, ...) as documented in the crate.
+//!
+//! `GET /status`, unsigned and not behind the layers: `{"processed": n, "replayed": m}`, the
+//! deliveries this process has processed and those it answered with a stored answer, since it
+//! started. A sender's retry of a delivery already processed adds to `replayed`, never to
+//! `processed`.
 //!
 //! # Sending a signed delivery
 //!
@@ -128,6 +133,9 @@
 //! content-type: application/problem+json
 //!
 //! {"detail":"the webhook-timestamp is 600 s in the past; at most 300 s either way is accepted","status":401,"title":"Webhook timestamp outside tolerance","type":"https://example.com/problems/webhook-timestamp-outside-tolerance"}
+//!
+//! $ curl -s http://127.0.0.1:3001/status     # one delivery processed, its retry replayed
+//! {"processed":1,"replayed":1}
 //! ```
 
 use std::net::SocketAddr;
@@ -141,7 +149,7 @@ use axum::extract::{Extension, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD as BASE64, STANDARD_PAD_INDIFFERENT};
@@ -149,7 +157,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use sha2::Sha256;
-use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
+use tower_idempotency::{IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore, MemoryStore};
 use tracing_subscriber::EnvFilter;
 
 /// The example secret of the Standard Webhooks specification. Public: for the demo only.
@@ -447,11 +455,13 @@ impl IntoResponse for Problem {
     }
 }
 
-/// What the handler shares.
+/// What the handler and `GET /status` share.
 #[derive(Debug, Default)]
 struct AppState {
     /// Deliveries processed since startup.
     processed: AtomicUsize,
+    /// Deliveries answered with a stored answer since startup: the handler did not run.
+    replayed: AtomicUsize,
 }
 
 /// The part of a Standard Webhooks payload this receiver reads.
@@ -488,6 +498,37 @@ async fn receive(
     Json(serde_json::json!({ "received": event.event_type })).into_response()
 }
 
+/// Counts the deliveries the idempotency layer answers with a stored answer. Install it so that
+/// it wraps the idempotency layer, which marks them `idempotent-replayed: true`.
+async fn count_replays(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let id = request
+        .extensions()
+        .get::<VerifiedDelivery>()
+        .map(|delivery| delivery.id.clone());
+    let response = next.run(request).await;
+    if response.headers().contains_key(IDEMPOTENT_REPLAYED) {
+        let count = state.replayed.fetch_add(1, Ordering::SeqCst) + 1;
+        tracing::info!(
+            webhook_id = %id.as_deref().unwrap_or_default(),
+            replayed = count,
+            "webhook replayed"
+        );
+    }
+    response
+}
+
+/// `GET /status`: the counts, for checking from outside which deliveries ran.
+async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "processed": state.processed.load(Ordering::SeqCst),
+        "replayed": state.replayed.load(Ordering::SeqCst),
+    }))
+}
+
 fn app<St: IdempotencyStore>(
     verifier: Verifier,
     idempotency: IdempotencyLayer<St>,
@@ -498,13 +539,16 @@ fn app<St: IdempotencyStore>(
         // Each `route_layer` wraps the routes as they are at that point, layers included, so the
         // layer added LAST is the outermost and sees the request FIRST (axum 0.8; the opposite
         // of `tower::ServiceBuilder`, whose first layer is the outermost). Here a request goes
-        // through the signature check, then the idempotency layer, then the handler: a request
-        // that fails the check never reaches the store.
+        // through the signature check, the replay counter, then the idempotency layer, then
+        // the handler: a request that fails the check never reaches the store.
         .route_layer(idempotency)
+        .route_layer(middleware::from_fn_with_state(state.clone(), count_replays))
         .route_layer(middleware::from_fn_with_state(
             Arc::new(verifier),
             verify_signature,
         ))
+        // Added after the layers, so behind none of them: unsigned, and never deduplicated.
+        .route("/status", get(status))
         .with_state(state)
 }
 
@@ -666,7 +710,7 @@ async fn main() -> ExitCode {
     let addr = listener.local_addr().unwrap_or(config.bind);
     tracing::info!(
         tolerance_secs = config.tolerance.as_secs(),
-        "ready: POST /webhooks"
+        "ready: POST /webhooks, GET /status"
     );
     #[allow(clippy::print_stdout)]
     {
@@ -698,7 +742,6 @@ mod tests {
     use axum::http::HeaderValue;
     use futures_util::stream;
     use tower::ServiceExt;
-    use tower_idempotency::IDEMPOTENT_REPLAYED;
 
     const SECRET: &str = DEMO_SECRET;
     const BODY: &str = r#"{"type":"invoice.paid","data":{"invoice_id":"inv_1","amount":1000}}"#;
@@ -761,6 +804,15 @@ mod tests {
 
         fn processed(&self) -> usize {
             self.state.processed.load(Ordering::SeqCst)
+        }
+
+        /// `GET /status`, as a client outside would ask it.
+        async fn status(&self) -> serde_json::Value {
+            let request = Request::get("/status").body(Body::empty()).unwrap();
+            let (status, headers, body) = self.send(request).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+            json(&body)
         }
     }
 
@@ -862,6 +914,39 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(headers[IDEMPOTENT_REPLAYED], "true");
         assert_eq!(h.processed(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_status_route_tells_processed_from_replayed() {
+        let h = Harness::new();
+        let counts = |processed: usize, replayed: usize| serde_json::json!({ "processed": processed, "replayed": replayed });
+        assert_eq!(h.status().await, counts(0, 0));
+
+        assert_eq!(h.send(delivery("msg_1", 0, BODY)).await.0, StatusCode::OK);
+        assert_eq!(h.status().await, counts(1, 0));
+        // The sender's retries: answered from the store, counted as such.
+        for age in [-2, 0] {
+            let (status, headers, _) = h.send(delivery("msg_1", age, BODY)).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(headers[IDEMPOTENT_REPLAYED], "true");
+        }
+        assert_eq!(h.status().await, counts(1, 2));
+
+        // Refused deliveries are neither; a new one is processed.
+        let mut forged = delivery("msg_2", 0, BODY);
+        forged
+            .headers_mut()
+            .insert("webhook-signature", HeaderValue::from_static("v1,Zm9v"));
+        assert_eq!(h.send(forged).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(h.send(delivery("msg_2", 0, BODY)).await.0, StatusCode::OK);
+        assert_eq!(h.status().await, counts(2, 2));
+
+        // Not behind the idempotency layer either: asked with a key, still the counts.
+        let request = Request::get("/status")
+            .header("webhook-id", "msg_1")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(json(&h.send(request).await.2), counts(2, 2));
     }
 
     #[tokio::test]
