@@ -17,7 +17,8 @@
 //!   instead when `webhook-id` is absent: the same choice the preset makes for its key, so the
 //!   id that was signed is always the id the layer deduplicates on;
 //! - the signed content is `{webhook-id}.{webhook-timestamp}.{raw body}`, signed with
-//!   HMAC-SHA256 keyed with the secret: the part after the `whsec_` prefix, base64-decoded. A
+//!   HMAC-SHA256 keyed with the secret: the part after the `whsec_` prefix, base64-decoded, with
+//!   or without its `=` padding (the `standardwebhooks` and `svix` libraries accept both). A
 //!   secret without the prefix is base64-decoded all the same, as the reference libraries do; a
 //!   secret that is not base64 is refused at startup;
 //! - signatures are compared in constant time;
@@ -55,7 +56,7 @@
 //! The program prints `listening on http://ADDR` on standard output once it accepts
 //! connections; logs go to standard error. Ctrl-C (or `SIGTERM`) stops it.
 //!
-//! # Endpoint
+//! # Endpoints
 //!
 //! `POST /webhooks`: a signed delivery whose body is a JSON object with a string `type` (as
 //! Standard Webhooks payloads have). Answers:
@@ -68,6 +69,11 @@
 //! - `413` problem: the body is over 1 MiB;
 //! - the layer's own answers (`409`, `422`, `503`, ...) as documented in the crate.
 //!
+//! `GET /status`, unsigned and not behind the layers: `{"processed": n, "replayed": m}`, the
+//! deliveries this process has processed and those it answered with a stored answer, since it
+//! started. A sender's retry of a delivery already processed adds to `replayed`, never to
+//! `processed`.
+//!
 //! # Sending a signed delivery
 //!
 //! With the example running, in bash (needs only `openssl` and `od`):
@@ -78,8 +84,10 @@
 //! ID="msg_$(openssl rand -hex 12)"
 //! BODY='{"type":"invoice.paid","data":{"invoice_id":"inv_1","amount":1000}}'
 //!
-//! # The HMAC key is the base64 part of the secret, decoded; openssl wants it in hex.
-//! KEY_HEX=$(printf '%s' "${SECRET#whsec_}" | openssl base64 -d -A | od -An -vtx1 | tr -d ' \n')
+//! # The HMAC key is the base64 part of the secret, decoded; openssl wants it in hex, and its
+//! # padding restored (without it, openssl silently drops the last bytes).
+//! B64=${SECRET#whsec_}; while [ $(( ${#B64} % 4 )) -ne 0 ]; do B64="$B64="; done
+//! KEY_HEX=$(printf '%s' "$B64" | openssl base64 -d -A | od -An -vtx1 | tr -d ' \n')
 //!
 //! # Sends $BODY as delivery $ID, signed now (or $1 seconds ago), as a sender and each of its
 //! # retries would.
@@ -125,6 +133,9 @@
 //! content-type: application/problem+json
 //!
 //! {"detail":"the webhook-timestamp is 600 s in the past; at most 300 s either way is accepted","status":401,"title":"Webhook timestamp outside tolerance","type":"https://example.com/problems/webhook-timestamp-outside-tolerance"}
+//!
+//! $ curl -s http://127.0.0.1:3001/status     # one delivery processed, its retry replayed
+//! {"processed":1,"replayed":1}
 //! ```
 
 use std::net::SocketAddr;
@@ -138,15 +149,15 @@ use axum::extract::{Extension, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::engine::general_purpose::{STANDARD as BASE64, STANDARD_PAD_INDIFFERENT};
 use hmac::{Hmac, KeyInit, Mac};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use sha2::Sha256;
-use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
+use tower_idempotency::{IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore, MemoryStore};
 use tracing_subscriber::EnvFilter;
 
 /// The example secret of the Standard Webhooks specification. Public: for the demo only.
@@ -202,10 +213,12 @@ impl std::fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    /// A verifier for `secret`: `whsec_` followed by base64, or the base64 alone.
+    /// A verifier for `secret`: `whsec_` followed by base64, or the base64 alone, padded or
+    /// not.
     fn new(secret: &str) -> Result<Self, String> {
         let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
-        let key = BASE64
+        // Padding optional, as in the reference libraries: some senders show secrets without it.
+        let key = STANDARD_PAD_INDIFFERENT
             .decode(encoded)
             .map_err(|err| format!("the secret is not whsec_ followed by base64 ({err})"))?;
         if key.is_empty() {
@@ -442,11 +455,13 @@ impl IntoResponse for Problem {
     }
 }
 
-/// What the handler shares.
+/// What the handler and `GET /status` share.
 #[derive(Debug, Default)]
 struct AppState {
     /// Deliveries processed since startup.
     processed: AtomicUsize,
+    /// Deliveries answered with a stored answer since startup: the handler did not run.
+    replayed: AtomicUsize,
 }
 
 /// The part of a Standard Webhooks payload this receiver reads.
@@ -483,6 +498,37 @@ async fn receive(
     Json(serde_json::json!({ "received": event.event_type })).into_response()
 }
 
+/// Counts the deliveries the idempotency layer answers with a stored answer. Install it so that
+/// it wraps the idempotency layer, which marks them `idempotent-replayed: true`.
+async fn count_replays(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let id = request
+        .extensions()
+        .get::<VerifiedDelivery>()
+        .map(|delivery| delivery.id.clone());
+    let response = next.run(request).await;
+    if response.headers().contains_key(IDEMPOTENT_REPLAYED) {
+        let count = state.replayed.fetch_add(1, Ordering::SeqCst) + 1;
+        tracing::info!(
+            webhook_id = %id.as_deref().unwrap_or_default(),
+            replayed = count,
+            "webhook replayed"
+        );
+    }
+    response
+}
+
+/// `GET /status`: the counts, for checking from outside which deliveries ran.
+async fn status(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "processed": state.processed.load(Ordering::SeqCst),
+        "replayed": state.replayed.load(Ordering::SeqCst),
+    }))
+}
+
 fn app<St: IdempotencyStore>(
     verifier: Verifier,
     idempotency: IdempotencyLayer<St>,
@@ -493,13 +539,16 @@ fn app<St: IdempotencyStore>(
         // Each `route_layer` wraps the routes as they are at that point, layers included, so the
         // layer added LAST is the outermost and sees the request FIRST (axum 0.8; the opposite
         // of `tower::ServiceBuilder`, whose first layer is the outermost). Here a request goes
-        // through the signature check, then the idempotency layer, then the handler: a request
-        // that fails the check never reaches the store.
+        // through the signature check, the replay counter, then the idempotency layer, then
+        // the handler: a request that fails the check never reaches the store.
         .route_layer(idempotency)
+        .route_layer(middleware::from_fn_with_state(state.clone(), count_replays))
         .route_layer(middleware::from_fn_with_state(
             Arc::new(verifier),
             verify_signature,
         ))
+        // Added after the layers, so behind none of them: unsigned, and never deduplicated.
+        .route("/status", get(status))
         .with_state(state)
 }
 
@@ -661,7 +710,7 @@ async fn main() -> ExitCode {
     let addr = listener.local_addr().unwrap_or(config.bind);
     tracing::info!(
         tolerance_secs = config.tolerance.as_secs(),
-        "ready: POST /webhooks"
+        "ready: POST /webhooks, GET /status"
     );
     #[allow(clippy::print_stdout)]
     {
@@ -693,14 +742,13 @@ mod tests {
     use axum::http::HeaderValue;
     use futures_util::stream;
     use tower::ServiceExt;
-    use tower_idempotency::IDEMPOTENT_REPLAYED;
 
     const SECRET: &str = DEMO_SECRET;
     const BODY: &str = r#"{"type":"invoice.paid","data":{"invoice_id":"inv_1","amount":1000}}"#;
 
     /// Signs as a sender does, independently of [`Verifier`]: `v1,<base64 HMAC-SHA256>`.
     fn sign(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> String {
-        let key = BASE64
+        let key = STANDARD_PAD_INDIFFERENT
             .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
             .unwrap();
         let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
@@ -756,6 +804,15 @@ mod tests {
 
         fn processed(&self) -> usize {
             self.state.processed.load(Ordering::SeqCst)
+        }
+
+        /// `GET /status`, as a client outside would ask it.
+        async fn status(&self) -> serde_json::Value {
+            let request = Request::get("/status").body(Body::empty()).unwrap();
+            let (status, headers, body) = self.send(request).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+            json(&body)
         }
     }
 
@@ -857,6 +914,39 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(headers[IDEMPOTENT_REPLAYED], "true");
         assert_eq!(h.processed(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_status_route_tells_processed_from_replayed() {
+        let h = Harness::new();
+        let counts = |processed: usize, replayed: usize| serde_json::json!({ "processed": processed, "replayed": replayed });
+        assert_eq!(h.status().await, counts(0, 0));
+
+        assert_eq!(h.send(delivery("msg_1", 0, BODY)).await.0, StatusCode::OK);
+        assert_eq!(h.status().await, counts(1, 0));
+        // The sender's retries: answered from the store, counted as such.
+        for age in [-2, 0] {
+            let (status, headers, _) = h.send(delivery("msg_1", age, BODY)).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(headers[IDEMPOTENT_REPLAYED], "true");
+        }
+        assert_eq!(h.status().await, counts(1, 2));
+
+        // Refused deliveries are neither; a new one is processed.
+        let mut forged = delivery("msg_2", 0, BODY);
+        forged
+            .headers_mut()
+            .insert("webhook-signature", HeaderValue::from_static("v1,Zm9v"));
+        assert_eq!(h.send(forged).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(h.send(delivery("msg_2", 0, BODY)).await.0, StatusCode::OK);
+        assert_eq!(h.status().await, counts(2, 2));
+
+        // Not behind the idempotency layer either: asked with a key, still the counts.
+        let request = Request::get("/status")
+            .header("webhook-id", "msg_1")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(json(&h.send(request).await.2), counts(2, 2));
     }
 
     #[tokio::test]
@@ -1037,8 +1127,41 @@ mod tests {
         assert_eq!(h.send(delivery("msg_1", 0, BODY)).await.0, StatusCode::OK);
 
         // A secret that is not base64 (a raw string, say) is refused up front, not used as is.
-        for secret in ["whsec_", "", "whsec_not base64!", "my raw secret"] {
+        for secret in [
+            "whsec_",
+            "",
+            "whsec_not base64!",
+            "my raw secret",
+            "whsec_a",
+        ] {
             assert!(Verifier::new(secret).is_err(), "{secret:?} accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_secret_without_its_padding_is_the_same_key() {
+        // 22 bytes: base64 with two `=` of padding, which some senders leave out (the
+        // `standardwebhooks` and `svix` libraries restore it).
+        let padded = "whsec_dGhpcyBpcyBub3QgdGhlIHNlY3JldA==";
+        let unpadded = padded.trim_end_matches('=');
+        assert_ne!(padded, unpadded);
+        for secret in [unpadded, &padded[..padded.len() - 1], padded] {
+            let verifier = Verifier::new(secret).unwrap_or_else(|err| panic!("{secret}: {err}"));
+            let mut request = delivery("msg_1", 0, BODY);
+            let timestamp = request.headers()["webhook-timestamp"].clone();
+            // Signed by a sender holding the padded form of the secret.
+            let signature = sign(
+                padded,
+                "msg_1",
+                timestamp.to_str().unwrap(),
+                BODY.as_bytes(),
+            );
+            request
+                .headers_mut()
+                .insert("webhook-signature", signature.parse().unwrap());
+            let h = Harness::with(verifier);
+            assert_eq!(h.send(request).await.0, StatusCode::OK, "{secret}");
+            assert_eq!(h.processed(), 1, "{secret}");
         }
     }
 

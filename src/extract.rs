@@ -6,7 +6,8 @@ use http::request::Parts;
 
 use crate::key::IdempotencyKey;
 
-/// Extracts the key of a request the layer let through to the handler.
+/// Extracts the key of a request the layer let through to the handler (axum 0.8; on another
+/// axum version, take it as that version's `Extension<IdempotencyKey>`).
 ///
 /// Use `Option<IdempotencyKey>` on routes where the key is optional
 /// ([`require_key(false)`](crate::IdempotencyLayer::require_key)).

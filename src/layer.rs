@@ -221,9 +221,10 @@ impl<St> IdempotencyLayer<St> {
     /// an API key id) from the request, so two callers using the same key never see each
     /// other's responses. Requests for which `f` returns `None` share one caller-less scope.
     ///
-    /// Keys are always scoped by route as well: the matched route (with the `axum` feature and
-    /// [`Router::route_layer`](https://docs.rs/axum/latest/axum/struct.Router.html#method.route_layer)),
-    /// otherwise the request path.
+    /// Keys are always scoped by route as well: the matched route (with the `axum` feature, an
+    /// application on axum 0.8 and
+    /// [`Router::route_layer`](https://docs.rs/axum/0.8/axum/struct.Router.html#method.route_layer)),
+    /// otherwise the request path (with the `axum` feature, the layer warns about it once).
     ///
     /// Defaults to no caller scope.
     pub fn scope_with<F>(mut self, f: F) -> Self
@@ -259,14 +260,56 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// Replaces the default problem+json rendering of rejections.
+    /// Replaces the default problem+json rendering of rejections: `f` turns each
+    /// [`Rejection`] into an [`http::Response`] whose body is anything that converts into
+    /// [`Bytes`] (`Bytes`, `String`, `Vec<u8>`, `&'static str`).
     ///
-    /// Defaults to [`Rejection::to_response`].
-    pub fn rejection_with<F>(mut self, f: F) -> Self
+    /// [`Rejection::to_stripe_response`] is a ready-made renderer for APIs whose clients are
+    /// Stripe's SDKs or modelled on them: `.rejection_with(Rejection::to_stripe_response)`.
+    ///
+    /// With axum, `http` is `axum::http`: name the type `http::Response` (or
+    /// `axum::http::Response`) rather than importing it, so that it does not clash with
+    /// `axum::response::Response`, which `f` cannot return (its body may stream; a rejection's
+    /// is whole). Keep [`Retry-After`](Rejection::retry_after_header) on the `409` and `503`.
+    ///
+    /// ```
+    /// use http::header;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore, Rejection, RejectionKind};
+    ///
+    /// fn render(rejection: &Rejection) -> http::Response<String> {
+    ///     let code = match rejection.kind() {
+    ///         RejectionKind::MissingKey | RejectionKind::InvalidKey(_) => "bad_idempotency_key",
+    ///         RejectionKind::InFlight => "request_in_progress",
+    ///         RejectionKind::KeyReused => "idempotency_key_reused",
+    ///         _ => "idempotency_failure",
+    ///     };
+    ///     let body = serde_json::json!({ "code": code, "message": rejection.detail() });
+    ///     let mut response = http::Response::builder()
+    ///         .status(rejection.status())
+    ///         .header(header::CONTENT_TYPE, "application/json");
+    ///     if let Some(seconds) = rejection.retry_after_header() {
+    ///         response = response.header(header::RETRY_AFTER, seconds);
+    ///     }
+    ///     response.body(body.to_string()).expect("a valid status and headers")
+    /// }
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).rejection_with(render);
+    /// // Or a closure; this one answers in plain text, with an `http::Response<bytes::Bytes>`.
+    /// let plain = IdempotencyLayer::new(MemoryStore::new()).rejection_with(|rejection| {
+    ///     http::Response::builder()
+    ///         .status(rejection.status())
+    ///         .body(bytes::Bytes::from(rejection.to_string()))
+    ///         .expect("a valid status")
+    /// });
+    /// ```
+    ///
+    /// Defaults to [`Rejection::to_response`] (problem+json).
+    pub fn rejection_with<F, B>(mut self, f: F) -> Self
     where
-        F: Fn(&Rejection) -> Response<Bytes> + Send + Sync + 'static,
+        F: Fn(&Rejection) -> Response<B> + Send + Sync + 'static,
+        B: Into<Bytes>,
     {
-        self.config().rejection = Some(Arc::new(f));
+        self.config().rejection = Some(Arc::new(move |rejection| f(rejection).map(Into::into)));
         self
     }
 }
@@ -276,5 +319,53 @@ impl<S, St: Clone> Layer<S> for IdempotencyLayer<St> {
 
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency::new(inner, self.store.clone(), self.config.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    /// What `layer` answers a duplicate in flight with.
+    fn rendered(layer: &IdempotencyLayer<MemoryStore>) -> Response<Bytes> {
+        layer
+            .config
+            .render::<Bytes>(&Rejection::in_flight(Duration::from_secs(3)))
+    }
+
+    fn builder(rejection: &Rejection) -> http::response::Builder {
+        http::Response::builder().status(rejection.status())
+    }
+
+    #[test]
+    fn a_renderer_may_return_any_body_that_converts_into_bytes() {
+        let layer = IdempotencyLayer::new(MemoryStore::new());
+        let cases = [
+            layer
+                .clone()
+                .rejection_with(|r| builder(r).body(String::from("string")).unwrap()),
+            layer
+                .clone()
+                .rejection_with(|r| builder(r).body(b"vec".to_vec()).unwrap()),
+            layer
+                .clone()
+                .rejection_with(|r| builder(r).body("static").unwrap()),
+            layer
+                .clone()
+                .rejection_with(|r| builder(r).body(Bytes::from_static(b"bytes")).unwrap()),
+        ];
+        let bodies: Vec<Bytes> = cases.iter().map(|l| rendered(l).into_body()).collect();
+        assert_eq!(bodies, ["string", "vec", "static", "bytes"]);
+        assert_eq!(rendered(&cases[0]).status(), http::StatusCode::CONFLICT);
+
+        // The renderers the crate provides fit as they are; without one, problem+json.
+        let explicit = rendered(&layer.clone().rejection_with(Rejection::to_response));
+        let default = rendered(&layer);
+        assert_eq!(
+            explicit.headers()[http::header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        assert_eq!(explicit.body(), default.body());
     }
 }

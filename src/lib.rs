@@ -51,13 +51,16 @@
 //! | router answers `405`, or with axum `404` for no matched route | answer passed on, key released |
 //!
 //! Every answer the layer makes itself is `application/problem+json` (RFC 9457); see
-//! [`Rejection`] and [`IdempotencyLayer::rejection_with`].
+//! [`Rejection`] and [`IdempotencyLayer::rejection_with`]. For an API whose clients are
+//! Stripe's SDKs (or modelled on them), [`Rejection::to_stripe_response`] answers as Stripe
+//! does: a reused key is a `400` `idempotency_error`, which those SDKs raise as their
+//! `IdempotencyError`.
 //!
 //! The key is read from `Idempotency-Key`, else `X-Idempotency-Key`
 //! ([configurable](IdempotencyLayer::key_headers)), bare (`abc`) or as an RFC 8941 string
-//! (`"abc"`): 1 to 255 characters of visible ASCII. Keys are scoped by route (the matched route
-//! with [`Router::route_layer`](https://docs.rs/axum/latest/axum/struct.Router.html#method.route_layer),
-//! else the path) and optionally by caller ([`scope_with`](IdempotencyLayer::scope_with)).
+//! (`"abc"`): 1 to 255 characters of visible ASCII. Keys are scoped by route (axum 0.8's
+//! matched route with [`Router::route_layer`](https://docs.rs/axum/0.8/axum/struct.Router.html#method.route_layer),
+//! else the path; see [Supported versions](#supported-versions)) and optionally by caller ([`scope_with`](IdempotencyLayer::scope_with)).
 //!
 //! # Webhooks
 //!
@@ -117,16 +120,34 @@
 //!
 //! # Feature flags
 //!
+//! The defaults are `axum`, `redis` and `json`. An application that keeps its records in a
+//! [`MemoryStore`] only leaves Redis out of its build with
+//! `tower-idempotency = { version = "0.2", default-features = false, features = ["axum"] }`.
+//!
 //! - `redis` (default): [`RedisStore`].
-//! - `axum` (default): the [`IdempotencyKey`] extractor and scoping by axum's matched route.
+//! - `axum` (default): the [`IdempotencyKey`] extractor and scoping by axum's matched route
+//!   (axum 0.8).
 //! - `cluster`: `RedisStore::cluster`, for Redis Cluster.
 //! - `cache`: [`LocalCache`], an in-process cache of completed records for hot replays.
 //! - `metrics`: counters and histograms through the `metrics` facade; names in [`metrics`].
-//! - `json` (default): [`KeySource::json_field`], keys read from a JSON body (Stripe events).
+//! - `json` (default): [`KeySource::json_field`] and [`IdempotencyLayer::stripe_webhooks`], keys
+//!   read from a JSON body (Stripe events).
 //! - `postgres`: [`PgStore`], the store on Postgres (through `sqlx`; bring your own TLS
 //!   feature of `sqlx` if your database needs it).
 //! - `conformance`: [`conformance`] and [`store_conformance_tests!`], the kit that checks a store
 //!   against the [`IdempotencyStore`] contract.
+//!
+//! # Supported versions
+//!
+//! **axum 0.8** (feature `axum`), `http` 1, Tower 0.4 and 0.5 (`tower-layer` and
+//! `tower-service` 0.3), tokio 1, redis-rs 1 (feature `redis`), Rust 1.88.
+//!
+//! An application on another axum version (0.7, say) still compiles with this crate, which
+//! then builds axum 0.8 as a second copy the application's router never meets: keys are scoped
+//! by the raw request path instead of the matched route (the layer logs a warning saying so,
+//! once per process), and a handler taking [`IdempotencyKey`] fails to compile with an opaque
+//! `Handler<_, _>` error. `cargo tree -i axum` shows whether two versions are built. There,
+//! build this crate without its `axum` feature and take the key as `Extension<IdempotencyKey>`.
 //!
 //! # Tracing
 //!

@@ -287,15 +287,18 @@ where
             Ok(Ok((mut parts, Ok(body)))) => {
                 if ctx.route.answered_by_router(parts.status) {
                     ctx.release(&attempt, &mut watch).await;
-                } else if (ctx.shared.config.store_response)(&parts) {
-                    let completed = ctx
-                        .complete(&attempt, &mut token, &mut parts, &body, &mut watch)
-                        .await;
-                    if let Err(rejection) = completed {
-                        return Ok(rejected(&ctx.shared.config, &rejection));
-                    }
                 } else {
-                    ctx.release(&attempt, &mut watch).await;
+                    ctx.route.warn_if_scoped_by_path();
+                    if (ctx.shared.config.store_response)(&parts) {
+                        let completed = ctx
+                            .complete(&attempt, &mut token, &mut parts, &body, &mut watch)
+                            .await;
+                        if let Err(rejection) = completed {
+                            return Ok(rejected(&ctx.shared.config, &rejection));
+                        }
+                    } else {
+                        ctx.release(&attempt, &mut watch).await;
+                    }
                 }
                 Ok(Response::from_parts(parts, ResBody::from(body)))
             }

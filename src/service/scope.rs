@@ -73,6 +73,31 @@ impl RouteName {
         Self::Path(parts.uri.clone())
     }
 
+    /// Warns, once per process, that keys are scoped by the request path because the request
+    /// carried no axum 0.8 `MatchedPath`: the mark of an application on another axum version
+    /// (or of a layer outside the router). Called once the handler has answered, so that a
+    /// request no route matched (axum's fallback under `Router::layer`, which has no matched
+    /// route by design) raises nothing. Costs one relaxed load, and only on the path variant.
+    pub(super) fn warn_if_scoped_by_path(&self) {
+        #[cfg(feature = "axum")]
+        if let Self::Path(uri) = self {
+            use std::sync::atomic::{AtomicBool, Ordering};
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if !WARNED.load(Ordering::Relaxed) && !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    path = uri.path(),
+                    "idempotency keys are scoped by the raw request path, not by a matched route: \
+                     the request reached the layer without axum 0.8's MatchedPath. With axum, \
+                     add the layer with Router::route_layer in an application on axum 0.8 (a \
+                     router of another axum version does not provide it, and its handlers \
+                     cannot take the IdempotencyKey extractor; `cargo tree -i axum` lists the \
+                     versions built). In front of a plain Tower service this is expected; build \
+                     without the `axum` feature to silence it. Logged once per process"
+                );
+            }
+        }
+    }
+
     pub(super) fn as_str(&self) -> &str {
         match self {
             #[cfg(feature = "axum")]
