@@ -166,7 +166,6 @@
 mod body;
 #[cfg(feature = "cache")]
 mod cache;
-#[cfg(any(feature = "redis", feature = "cache"))]
 mod clock;
 mod config;
 #[cfg(feature = "conformance")]

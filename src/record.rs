@@ -19,11 +19,12 @@
 //! ```
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use crate::clock::{from_unix_ms, unix_ms_of};
 use crate::fingerprint::Fingerprint;
 use crate::varint::{put_varint, varint_len};
 
@@ -284,18 +285,6 @@ mod running {
 }
 #[cfg(feature = "redis")]
 pub(crate) use running::{RunningRecord, Stored};
-
-/// Milliseconds since the Unix epoch (0 before it).
-fn unix_ms_of(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn from_unix_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH
-        .checked_add(Duration::from_millis(ms))
-        .unwrap_or(UNIX_EPOCH)
-}
 
 /// A stored value that is not a record this crate wrote (corrupted, truncated, another version).
 #[derive(Debug, Clone, PartialEq, Eq)]
