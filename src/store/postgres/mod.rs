@@ -5,11 +5,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sqlx::postgres::PgRow;
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
+use sqlx::{AssertSqlSafe, PgPool, Row};
 
 use super::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::record::CompletedRecord;
+
+mod statements;
+mod transaction;
+
+pub use statements::InvalidIdentifier;
+use statements::{Statements, identifier};
+use transaction::SharedTx;
+pub use transaction::{PgToken, PgTx};
 
 /// The table used unless [`PgStore::table`] names another.
 pub const DEFAULT_TABLE: &str = "idempotency_keys";
@@ -59,119 +67,6 @@ pub struct PgStore {
     transactional: bool,
 }
 
-/// A transaction shared by the layer and the handler's [`PgTx`]: the layer takes it back to
-/// complete and commit it.
-type SharedTx = Arc<tokio::sync::Mutex<Option<Transaction<'static, Postgres>>>>;
-
-/// What [`PgStore`] remembers about a claim it granted: the attempt, and in transactional mode
-/// the transaction opened for its handler. Dropped without a complete, the transaction rolls
-/// back.
-#[derive(Debug)]
-pub struct PgToken {
-    attempt: Attempt,
-    tx: Option<SharedTx>,
-}
-
-/// The handler's share of the request's transaction, with [`PgStore::transactional`]: run the
-/// handler's queries on [`PgTx::conn`], and the layer commits them together with the stored
-/// response, or rolls them back. The handler cannot commit or roll back itself.
-///
-/// With the `axum` feature it is an extractor; the request must come through the layer over a
-/// transactional `PgStore`, or the extractor answers `500`.
-#[derive(Clone, Debug)]
-pub struct PgTx(SharedTx);
-
-impl PgTx {
-    /// The transaction's connection, for the handler's queries:
-    /// `sqlx::query(..).execute(&mut *tx.conn().await?)`. Hold it only for a query or a few:
-    /// the layer needs it back when the handler answers.
-    pub async fn conn(
-        &self,
-    ) -> Result<tokio::sync::MappedMutexGuard<'_, PgConnection>, StoreError> {
-        tokio::sync::MutexGuard::try_map(self.0.lock().await, |slot| {
-            slot.as_mut().map(|tx| &mut **tx)
-        })
-        .map_err(|_| StoreError::backend("the request's transaction has ended"))
-    }
-}
-
-#[cfg(feature = "axum")]
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PgTx {
-    type Rejection = (http::StatusCode, &'static str);
-
-    async fn from_request_parts(
-        parts: &mut http::request::Parts,
-        _state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        parts.extensions.get::<PgTx>().cloned().ok_or((
-            http::StatusCode::INTERNAL_SERVER_ERROR,
-            "PgTx needs the idempotency layer over a PgStore in transactional mode",
-        ))
-    }
-}
-
-/// The statements for one table, built once from validated identifiers.
-struct Statements {
-    schema: String,
-    table: String,
-    claim: Arc<str>,
-    renew: Arc<str>,
-    complete: Arc<str>,
-    release: Arc<str>,
-    purge: Arc<str>,
-}
-
-impl Statements {
-    fn new(schema: &str, table: &str) -> Self {
-        let t = format!("\"{schema}\".\"{table}\"");
-        // The INSERT claims an absent or expired key; the SELECT reads, in the same statement,
-        // the row that holds it otherwise. Under READ COMMITTED that read uses the statement's
-        // snapshot, so a row another claim committed meanwhile can be missing from it (or seen
-        // expired): the caller then runs the statement again.
-        let claim = format!(
-            "WITH claimed AS (
-                INSERT INTO {t} AS e (key, owner, fingerprint, record, expires_at)
-                VALUES ($1, $2, $3, NULL, clock_timestamp() + $4 * interval '1 millisecond')
-                ON CONFLICT (key) DO UPDATE
-                    SET owner = EXCLUDED.owner, fingerprint = EXCLUDED.fingerprint,
-                        record = NULL, expires_at = EXCLUDED.expires_at
-                    WHERE e.expires_at <= clock_timestamp()
-                RETURNING e.key
-            )
-            SELECT true AS acquired, NULL::bytea AS owner, NULL::bytea AS fingerprint,
-                   NULL::bytea AS record, 0::int8 AS left_ms
-            FROM claimed
-            UNION ALL
-            SELECT false, owner, fingerprint, record,
-                   (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8
-            FROM {t} WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)"
-        );
-        let renew = format!(
-            "UPDATE {t} SET expires_at = clock_timestamp() + $3 * interval '1 millisecond'
-             WHERE key = $1 AND owner = $2 AND record IS NULL AND expires_at > clock_timestamp()"
-        );
-        let complete = format!(
-            "UPDATE {t} SET record = $3, expires_at = clock_timestamp() + $4 * interval '1 millisecond'
-             WHERE key = $1 AND owner = $2 AND (record IS NULL OR record = $3)"
-        );
-        let release = format!("DELETE FROM {t} WHERE key = $1 AND owner = $2 AND record IS NULL");
-        let purge = format!(
-            "DELETE FROM {t} WHERE key IN (
-                SELECT key FROM {t} WHERE expires_at < clock_timestamp() LIMIT $1
-                FOR UPDATE SKIP LOCKED)"
-        );
-        Self {
-            schema: schema.to_owned(),
-            table: table.to_owned(),
-            claim: claim.into(),
-            renew: renew.into(),
-            complete: complete.into(),
-            release: release.into(),
-            purge: purge.into(),
-        }
-    }
-}
-
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
@@ -179,35 +74,6 @@ impl std::fmt::Debug for PgStore {
             .field("table", &self.sql.table)
             .field("transactional", &self.transactional)
             .finish_non_exhaustive()
-    }
-}
-
-/// A schema or table name that is not a plain SQL identifier.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvalidIdentifier(String);
-
-impl std::fmt::Display for InvalidIdentifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{:?} is not a plain SQL identifier (ASCII letters, digits and `_`, not starting \
-             with a digit, at most 63 bytes)",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for InvalidIdentifier {}
-
-fn identifier(name: &str) -> Result<&str, InvalidIdentifier> {
-    let plain = !name.is_empty()
-        && name.len() <= 63
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if plain {
-        Ok(name)
-    } else {
-        Err(InvalidIdentifier(name.to_owned()))
     }
 }
 
@@ -281,20 +147,7 @@ impl PgStore {
     /// The statements that create the schema, the table and its expiry index, each
     /// `IF NOT EXISTS`.
     pub fn ddl(&self) -> Vec<String> {
-        let (schema, table) = (&self.sql.schema, &self.sql.table);
-        let t = format!("\"{schema}\".\"{table}\"");
-        vec![
-            format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {t} (\n    \
-                 key text PRIMARY KEY,\n    \
-                 owner bytea NOT NULL,\n    \
-                 fingerprint bytea NOT NULL,\n    \
-                 record bytea,\n    \
-                 expires_at timestamptz NOT NULL\n)"
-            ),
-            format!("CREATE INDEX IF NOT EXISTS \"{table}_expires_at\" ON {t} (expires_at)"),
-        ]
+        self.sql.ddl()
     }
 
     /// Creates the schema, the table and its index if they are missing. Safe to call at every
@@ -519,20 +372,5 @@ impl IdempotencyStore for PgStore {
 
     fn commits_handler_writes(&self, _token: &PgToken) -> bool {
         self.transactional
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_plain_identifiers_are_accepted() {
-        for ok in ["idempotency_keys", "_x", "a1", "Schema"] {
-            assert_eq!(identifier(ok), Ok(ok));
-        }
-        for bad in ["", "1a", "a-b", "a\"b", "a b", "é", &"x".repeat(64)] {
-            assert!(identifier(bad).is_err(), "{bad:?}");
-        }
     }
 }
