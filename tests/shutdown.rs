@@ -5,55 +5,20 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::example::Inventory;
 use common::{RedisServer, scan_prefix};
-
-/// The example's binary: `cargo test` builds the examples beside the test binaries.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
-    let path = profile_dir.join("examples").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run the whole suite (`cargo test --all-features`), which builds the \
-         examples, or `cargo build --examples --all-features` first",
-        path.display()
-    );
-    path
-}
 
 #[test]
 fn sigterm_waits_for_a_handler_whose_client_left() {
     let redis = RedisServer::spawn();
-    let mut child = Command::new(example("inventory"))
-        .env("BIND", "127.0.0.1:0")
-        .env("REDIS_URL", redis.url())
-        .env("WORK_MS", "1500")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the inventory example");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-        .to_owned();
+    let mut inventory = Inventory::start(&[("REDIS_URL", &redis.url()), ("WORK_MS", "1500")]);
 
     let body = r#"{"order_id":"o-1","items":[{"sku":"SKU123","qty":2}]}"#;
-    let mut client = TcpStream::connect(&addr).unwrap();
+    let mut client = TcpStream::connect(inventory.addr()).unwrap();
     write!(
         client,
         "POST /webhooks/order-paid HTTP/1.1\r\nhost: test\r\nidempotency-key: evt-1\r\n\
@@ -64,20 +29,8 @@ fn sigterm_waits_for_a_handler_whose_client_left() {
     std::thread::sleep(Duration::from_millis(300));
     drop(client);
     std::thread::sleep(Duration::from_millis(100));
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the example did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    inventory.signal("TERM");
+    let status = inventory.wait(Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
 
     let mut conn = redis.connection();

@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod cluster;
+pub mod example;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod stub;

@@ -43,6 +43,13 @@ pub struct Schema {
 }
 
 impl Schema {
+    /// A schema name of the test's own, dropped (if anything created it) with the guard.
+    pub fn reserve(test: &str) -> Self {
+        Self {
+            name: unique_schema(test),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

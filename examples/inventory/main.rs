@@ -12,7 +12,13 @@
 //! cargo run --example inventory                                  # in-memory store
 //! docker compose up -d redis                                       # or any Redis server
 //! REDIS_URL=redis://127.0.0.1:6379/ cargo run --example inventory   # records in Redis
+//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
+//!     cargo run --example inventory --features postgres            # stock and records in Postgres
 //! ```
+//!
+//! With `DATABASE_URL`, the stock lives in a Postgres table (`inventory_stock`) beside the
+//! idempotency records (`PgStore` in transactional mode): a delivery's stock change commits in
+//! the same transaction as its stored response, or not at all.
 //!
 //! Environment (an empty value counts as unset; an invalid one stops the program with an error
 //! message and exit code 2):
@@ -21,14 +27,28 @@
 //! |---|---|---|
 //! | `BIND` | address to listen on, `IP:PORT` (port `0` picks a free port) | `127.0.0.1:3000` |
 //! | `REDIS_URL` | Redis to keep idempotency records in; unset: in memory | unset |
-//! | `INITIAL_STOCK` | initial stock of both `SKU123` and `SKU456` | `100` |
+//! | `DATABASE_URL` | Postgres to keep the stock and the records in (feature `postgres`); not with `REDIS_URL` | unset |
+//! | `DATABASE_SCHEMA` | the schema of both tables, created if missing | `public` |
+//! | `INITIAL_STOCK` | initial stock of both `SKU123` and `SKU456` (in Postgres: of a SKU that has no row yet, so instances sharing a database never reset it) | `100` |
 //! | `WORK_MS` | simulated downstream delay, before the stock changes | `0` |
+//! | `HOLD_MS` | delay after the stock changed, before the answer (the crash window, below) | `0` |
 //! | `KEY_TTL_SECS` | how long a completed response is replayed | `86400` |
 //! | `LOCK_TTL_MS` | lease of a running request | `30000` |
 //! | `RUST_LOG` | log filter | `info,tower_idempotency=debug` |
 //!
 //! The program prints `listening on http://ADDR` on standard output once it accepts
 //! connections; logs go to standard error. Ctrl-C (or `SIGTERM`) stops it cleanly.
+//!
+//! # The crash window
+//!
+//! `HOLD_MS` holds each delivery between its stock change and its answer. Kill the process
+//! (`kill -9`) during the hold: with the records in Redis, a change made in a database of its
+//! own would stay while the key is not stored, so the sender's retry (after the lease,
+//! `LOCK_TTL_MS`) would apply the order again (this example's stock is in memory then, and dies
+//! with the process); with Postgres the change rolls back with the rest of the transaction, and
+//! the retry applies it once. Stop an instance instead (`kill -STOP`) until its lease lapses
+//! and another instance takes the delivery over: when it continues, its commit finds the key
+//! no longer its own, its change rolls back and its client gets `409`; the stock changed once.
 //!
 //! # Endpoints
 //!
@@ -104,9 +124,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
-use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -116,96 +135,34 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use serde::{Deserialize, Serialize};
 use tower_idempotency::{
-    IdempotencyKey, IdempotencyLayer, IdempotencyStore, MemoryStore, RedisStore,
+    DetachedWork, IdempotencyKey, IdempotencyLayer, IdempotencyStore, MemoryStore, RedisStore,
 };
 use tracing_subscriber::EnvFilter;
+
+mod config;
+#[cfg(feature = "postgres")]
+mod postgres;
+mod stock;
+
+use config::{Backend, Config};
+use stock::{Stock, Wanted};
 
 /// The SKUs this warehouse stocks.
 const SKUS: [&str; 2] = ["SKU123", "SKU456"];
 
-/// The largest TTL accepted from the environment: 100 years, far beyond any retry policy and
-/// well within what a clock or a Redis `PX` can represent.
-const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
-
 /// Exit code for an invalid configuration.
 const EXIT_CONFIG: u8 = 2;
 
-struct Config {
-    bind: SocketAddr,
-    redis_url: Option<String>,
-    initial_stock: u64,
-    work: Duration,
-    key_ttl: Duration,
-    lock_ttl: Duration,
-}
+/// How long shutdown waits for requests whose client left.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-impl Config {
-    fn from_env() -> Result<Self, String> {
-        let bind = match var("BIND")? {
-            None => SocketAddr::from(([127, 0, 0, 1], 3000)),
-            Some(v) => v.parse().map_err(|_| {
-                format!("BIND={v:?} is not an address of the form IP:PORT, e.g. 127.0.0.1:3000")
-            })?,
-        };
-        let key_ttl = Duration::from_secs(number("KEY_TTL_SECS", 86_400, 1, MAX_TTL.as_secs())?);
-        let lock_ttl = Duration::from_millis(number(
-            "LOCK_TTL_MS",
-            30_000,
-            1,
-            MAX_TTL.as_millis() as u64,
-        )?);
-        Ok(Self {
-            bind,
-            redis_url: var("REDIS_URL")?,
-            initial_stock: number("INITIAL_STOCK", 100, 0, u64::MAX)?,
-            work: Duration::from_millis(number("WORK_MS", 0, 0, u64::MAX)?),
-            key_ttl,
-            lock_ttl,
-        })
-    }
-}
-
-/// An environment variable; unset and empty (or blank) are both `None`.
-fn var(name: &str) -> Result<Option<String>, String> {
-    match std::env::var(name) {
-        Ok(v) if v.trim().is_empty() => Ok(None),
-        Ok(v) => Ok(Some(v.trim().to_owned())),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(std::env::VarError::NotUnicode(_)) => Err(format!("{name} is not valid UTF-8")),
-    }
-}
-
-/// A whole number from the environment, `default` when unset, within `min..=max`.
-fn number(name: &str, default: u64, min: u64, max: u64) -> Result<u64, String> {
-    let Some(v) = var(name)? else {
-        return Ok(default);
-    };
-    match v.parse::<u64>() {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ if max == u64::MAX => Err(format!(
-            "{name}={v:?} is not a whole number of at least {min}"
-        )),
-        _ => Err(format!(
-            "{name}={v:?} is not a whole number between {min} and {max}"
-        )),
-    }
-}
-
-/// The stock, shared by all requests.
 struct AppState {
-    stock: Mutex<BTreeMap<String, u64>>,
+    stock: Stock,
     work: Duration,
-}
-
-impl AppState {
-    fn stock(&self) -> MutexGuard<'_, BTreeMap<String, u64>> {
-        // Updates are applied only after every check passed, with nothing that can panic in
-        // between, so a poisoned lock still guards a consistent map.
-        self.stock.lock().unwrap_or_else(|e| e.into_inner())
-    }
+    hold: Duration,
 }
 
 /// The webhook payload. Unknown fields are ignored.
@@ -241,6 +198,15 @@ impl ApiError {
     fn unprocessable(msg: impl Display) -> Self {
         Self(StatusCode::UNPROCESSABLE_ENTITY, msg.to_string())
     }
+
+    /// A `500`: the layer stores no 5xx, so the key is released and a retry runs again.
+    fn internal(err: impl Display) -> Self {
+        tracing::error!(error = %err, "order-paid failed");
+        Self(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error".to_owned(),
+        )
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -249,34 +215,27 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `POST /webhooks/order-paid`.
+/// Reads and checks a delivery: the order, and the quantity wanted per SKU.
 ///
-/// Status codes: `200` applied; `400` body not JSON or not an order; `422` the order cannot be
-/// applied (no items, `qty` < 1, unknown SKU, or insufficient stock: an out-of-stock order is
-/// not a conflict with another request but an order this warehouse cannot fulfil, so it is
-/// `422` and not `409`, which the layer uses for "same key still in flight").
-async fn order_paid(
-    State(state): State<Arc<AppState>>,
-    key: IdempotencyKey,
+/// The body is parsed here rather than with `Json<_>` so that every malformed body gets a JSON
+/// `400`, whatever the `Content-Type` the sender set.
+fn accept(
+    key: &IdempotencyKey,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Applied>, ApiError> {
+) -> Result<(OrderPaid, Wanted), ApiError> {
     // The key is a bearer-like secret: log its length only.
     tracing::info!(
         key_len = key.as_str().len(),
         "order-paid delivery accepted by the layer"
     );
-
-    // The body is parsed here rather than with `Json<_>` so that every malformed body gets a
-    // JSON `400`, whatever the `Content-Type` the sender set.
     let body = body.map_err(|rejection| ApiError(rejection.status(), rejection.body_text()))?;
     let order: OrderPaid = serde_json::from_slice(&body)
         .map_err(|err| ApiError::bad_request(format!("invalid order-paid payload: {err}")))?;
-
     if order.items.is_empty() {
         return Err(ApiError::unprocessable("the order has no items"));
     }
     // Quantities per SKU, summed in case a SKU is listed twice.
-    let mut wanted: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut wanted = Wanted::new();
     for item in &order.items {
         let qty = match u64::try_from(item.qty) {
             Ok(qty) if qty >= 1 => qty,
@@ -287,52 +246,67 @@ async fn order_paid(
                 )));
             }
         };
-        let total = wanted.entry(item.sku.as_str()).or_default();
+        let total = wanted.entry(item.sku.clone()).or_default();
         *total = total.saturating_add(qty);
     }
+    Ok((order, wanted))
+}
 
-    // Stands for the slow part of real order processing (a database, a downstream call).
+/// Stands for the slow part of real order processing (a database, a downstream call).
+async fn work(state: &AppState) {
     if !state.work.is_zero() {
         tokio::time::sleep(state.work).await;
     }
+}
 
-    // Check every item, then apply every item, under one lock: all or nothing.
-    let mut stock = state.stock();
-    for (sku, qty) in &wanted {
-        match stock.get(*sku) {
-            None => return Err(ApiError::unprocessable(format!("unknown SKU {sku:?}"))),
-            Some(&available) if available < *qty => {
-                return Err(ApiError::unprocessable(format!(
-                    "insufficient stock for {sku}: {qty} requested, {available} available"
-                )));
-            }
-            Some(_) => {}
-        }
+/// After the stock changed and before the answer: the window in which a crash leaves the
+/// stock changed and the key unstored (with Redis or memory), or rolls the change back (with
+/// Postgres).
+async fn hold(state: &AppState, order: OrderPaid, stock: BTreeMap<String, u64>) -> Json<Applied> {
+    if !state.hold.is_zero() {
+        tokio::time::sleep(state.hold).await;
     }
-    for (sku, qty) in &wanted {
-        if let Some(available) = stock.get_mut(*sku) {
-            *available -= qty;
-        }
-    }
-    let remaining = stock.clone();
-    drop(stock);
-
     tracing::info!(order_id = %order.order_id, items = order.items.len(), "order applied");
-    Ok(Json(Applied {
+    Json(Applied {
         order_id: order.order_id,
         applied: order.items,
-        stock: remaining,
-    }))
+        stock,
+    })
+}
+
+/// `POST /webhooks/order-paid`, with the stock in memory.
+///
+/// Status codes: `200` applied; `400` body not JSON or not an order; `422` the order cannot be
+/// applied (no items, `qty` < 1, unknown SKU, or insufficient stock: an out-of-stock order is
+/// not a conflict with another request but an order this warehouse cannot fulfil, so it is
+/// `422` and not `409`, which the layer uses for "same key still in flight").
+async fn order_paid(
+    State(state): State<Arc<AppState>>,
+    key: IdempotencyKey,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Applied>, ApiError> {
+    let (order, wanted) = accept(&key, body)?;
+    work(&state).await;
+    let stock = (state.stock.in_memory())
+        .ok_or_else(|| ApiError::internal("the stock is not in memory"))?;
+    let remaining = stock.apply(&wanted)?;
+    Ok(hold(&state, order, remaining).await)
 }
 
 /// `GET /inventory`.
-async fn inventory(State(state): State<Arc<AppState>>) -> Json<BTreeMap<String, u64>> {
-    Json(state.stock().clone())
+async fn inventory(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<BTreeMap<String, u64>>, ApiError> {
+    Ok(Json(state.stock.read().await?))
 }
 
-fn app<St: IdempotencyStore>(state: Arc<AppState>, layer: IdempotencyLayer<St>) -> Router {
+fn app<St: IdempotencyStore>(
+    state: Arc<AppState>,
+    layer: IdempotencyLayer<St>,
+    order_paid: MethodRouter<Arc<AppState>>,
+) -> Router {
     Router::new()
-        .route("/webhooks/order-paid", post(order_paid))
+        .route("/webhooks/order-paid", order_paid)
         // `route_layer`: only the routes above are protected, and keys are scoped by the
         // matched route.
         .route_layer(layer)
@@ -369,6 +343,12 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Why the program could not start: a configuration error (exit code 2) or another failure.
+enum StartError {
+    Config(String),
+    Other(String),
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -379,51 +359,19 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let config = match Config::from_env() {
-        Ok(config) => config,
-        Err(msg) => {
+    let started = match Config::from_env() {
+        Ok(config) => start(&config).await.map(|app| (config, app)),
+        Err(msg) => Err(StartError::Config(msg)),
+    };
+    let (config, (router, detached)) = match started {
+        Ok(started) => started,
+        Err(StartError::Config(msg)) => {
             eprintln!("inventory: invalid configuration: {msg}");
             return ExitCode::from(EXIT_CONFIG);
         }
-    };
-
-    let stock = SKUS
-        .iter()
-        .map(|sku| ((*sku).to_owned(), config.initial_stock))
-        .collect();
-    let state = Arc::new(AppState {
-        stock: Mutex::new(stock),
-        work: config.work,
-    });
-
-    let (router, detached) = match &config.redis_url {
-        None => {
-            tracing::info!("idempotency records kept in memory (set REDIS_URL to share them)");
-            let layer = configure(IdempotencyLayer::new(MemoryStore::new()), &config);
-            let detached = layer.detached_work();
-            (app(state, layer), detached)
-        }
-        Some(url) => {
-            let client = match redis::Client::open(url.as_str()) {
-                Ok(client) => client,
-                Err(err) => {
-                    eprintln!(
-                        "inventory: invalid configuration: REDIS_URL is not a Redis URL: {err}"
-                    );
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let store = match RedisStore::new(client).await {
-                Ok(store) => store,
-                Err(err) => {
-                    eprintln!("inventory: cannot connect to Redis at REDIS_URL: {err}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            tracing::info!("idempotency records kept in Redis");
-            let layer = configure(IdempotencyLayer::new(store), &config);
-            let detached = layer.detached_work();
-            (app(state, layer), detached)
+        Err(StartError::Other(msg)) => {
+            eprintln!("inventory: {msg}");
+            return ExitCode::FAILURE;
         }
     };
 
@@ -438,6 +386,7 @@ async fn main() -> ExitCode {
     tracing::info!(
         initial_stock = config.initial_stock,
         work_ms = config.work.as_millis() as u64,
+        hold_ms = config.hold.as_millis() as u64,
         key_ttl_secs = config.key_ttl.as_secs(),
         lock_ttl_ms = config.lock_ttl.as_millis() as u64,
         "ready"
@@ -469,8 +418,59 @@ async fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// How long shutdown waits for requests whose client left.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Connects to the configured backend and builds the router.
+async fn start(config: &Config) -> Result<(Router, DetachedWork), StartError> {
+    let state = |stock| {
+        Arc::new(AppState {
+            stock,
+            work: config.work,
+            hold: config.hold,
+        })
+    };
+    let memory_stock = || Stock::memory(&SKUS, config.initial_stock);
+    match &config.backend {
+        Backend::Memory => {
+            tracing::info!("idempotency records kept in memory (set REDIS_URL to share them)");
+            let layer = configure(IdempotencyLayer::new(MemoryStore::new()), config);
+            let detached = layer.detached_work();
+            Ok((
+                app(state(memory_stock()), layer, post(order_paid)),
+                detached,
+            ))
+        }
+        Backend::Redis { url } => {
+            let client = redis::Client::open(url.as_str()).map_err(|err| {
+                StartError::Config(format!("REDIS_URL is not a Redis URL: {err}"))
+            })?;
+            let store = RedisStore::new(client).await.map_err(|err| {
+                StartError::Other(format!("cannot connect to Redis at REDIS_URL: {err}"))
+            })?;
+            tracing::info!("idempotency records kept in Redis");
+            let layer = configure(IdempotencyLayer::new(store), config);
+            let detached = layer.detached_work();
+            Ok((
+                app(state(memory_stock()), layer, post(order_paid)),
+                detached,
+            ))
+        }
+        #[cfg(feature = "postgres")]
+        Backend::Postgres { url, schema } => {
+            let (stock, store) =
+                postgres::connect(url, schema, &SKUS, config.initial_stock).await?;
+            tracing::info!(schema, "stock and idempotency records kept in Postgres");
+            let layer = configure(IdempotencyLayer::new(store), config);
+            let detached = layer.detached_work();
+            let handler = post(postgres::order_paid);
+            Ok((app(state(Stock::Postgres(stock)), layer, handler), detached))
+        }
+        #[cfg(not(feature = "postgres"))]
+        Backend::Postgres { .. } => Err(StartError::Config(
+            "DATABASE_URL needs the example built with Postgres: \
+             cargo run --example inventory --features postgres"
+                .to_owned(),
+        )),
+    }
+}
 
 fn configure<St>(layer: IdempotencyLayer<St>, config: &Config) -> IdempotencyLayer<St> {
     layer.record_ttl(config.key_ttl).lock_ttl(config.lock_ttl)
