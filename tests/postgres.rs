@@ -1,21 +1,21 @@
 //! `PgStore` against a real Postgres (see `common/postgres.rs`): the conformance kit, the schema
-//! it creates, purging, the layer over it, and a database that cannot be reached.
+//! it creates, purging, the layer over it, racing claims, and a database that cannot be reached.
+//! The transactional mode has `postgres_transactional.rs`.
 
 mod common;
 
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::post;
-use http_body_util::BodyExt;
 use sqlx::postgres::PgPoolOptions;
-use tower::ServiceExt;
 use tower_idempotency::conformance::{expect_acquired, fp, plain_record};
 use tower_idempotency::{Attempt, IdempotencyLayer, IdempotencyStore, PgStore};
 
-use common::postgres::{pool, store};
+use common::orders::{answer, pay_with};
+use common::postgres::{connect_options, pool, store};
+use common::{ProxyMode, TcpProxy};
 
 mod conformance {
     tower_idempotency::store_conformance_tests!(super::store);
@@ -148,17 +148,78 @@ async fn the_layer_over_postgres() {
     );
 }
 
-/// A database that cannot be reached: `503`, the handler does not run.
+/// A database that cannot be reached (connections refused through a proxy): `503`, the
+/// handler does not run; once the database is back, the same key runs, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_database_fails_closed() {
+async fn an_unreachable_database_fails_closed_and_recovers() {
+    let (_, schema) = store("unreachable").await;
+    let direct = connect_options();
+    let proxy = TcpProxy::start_to(direct.get_host(), direct.get_port()).await;
     let pool = PgPoolOptions::new()
-        .acquire_timeout(Duration::from_millis(300))
-        .connect_lazy("postgres://postgres@127.0.0.1:1/postgres")
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy_with(direct.host("127.0.0.1").port(proxy.port()));
+    let app = app(PgStore::new(pool).schema(schema.name()).unwrap());
+
+    proxy.set(ProxyMode::Refuse);
+    for _ in 0..2 {
+        let (status, _, body) = send(&app, "down", "x").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("StoreUnavailable"), "{body}");
+    }
+    proxy.set(ProxyMode::Pass);
+    assert_eq!(
+        send(&app, "down", "x").await,
+        (StatusCode::OK, false, "run 1".into()),
+        "the handler did not run while the database was away"
+    );
+    assert_eq!(
+        send(&app, "down", "x").await,
+        (StatusCode::OK, true, "run 1".into())
+    );
+}
+
+/// A completion paused between its `UPDATE` and its commit (written here by hand, as
+/// `PgStore::complete` writes it), after the lease lapsed: a claim of the key waits on the row
+/// and then finds the record; it never takes the key over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waits_for_a_completion_paused_before_its_commit() {
+    use tower_idempotency::Claim;
+    let (store, schema) = store("paused").await;
+    let holder = Attempt::new(fp(1));
+    expect_acquired(&store, "k", &holder, Duration::from_millis(200), "holder").await;
+    let record = plain_record(fp(1), StatusCode::OK, b"done");
+    let mut completion = store.pool().begin().await.unwrap();
+    let update = format!(
+        "UPDATE \"{}\".idempotency_keys
+         SET record = $3, expires_at = clock_timestamp() + interval '60 seconds'
+         WHERE key = $1 AND owner = $2 AND record IS NULL",
+        schema.name()
+    );
+    let updated = sqlx::query(sqlx::AssertSqlSafe(update))
+        .bind("k")
+        .bind(&holder.owner()[..])
+        .bind(record.encode())
+        .execute(&mut *completion)
+        .await
         .unwrap();
-    let app = app(PgStore::new(pool));
-    let (status, _, body) = send(&app, "down", "x").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(body.contains("StoreUnavailable"), "{body}");
+    assert_eq!(updated.rows_affected(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let claim = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .claim("k", &Attempt::new(fp(2)), Duration::from_secs(30))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!claim.is_finished(), "the claim waits for the row lock");
+    completion.commit().await.unwrap();
+    match claim.await.unwrap() {
+        Ok(Claim::Completed(got)) => assert_eq!(got.body, record.body),
+        other => panic!("expected the committed record, got {:?}", other.map(|_| ())),
+    }
 }
 
 /// Sixteen claims of `key` at once, with fingerprints from `first` on.
@@ -227,186 +288,4 @@ async fn racing_claims_get_one_owner_and_always_an_answer() {
             }
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Transactional mode: the handler's writes and the stored response commit together.
-// ---------------------------------------------------------------------------------------------
-
-/// A router whose handler inserts `body` into `orders` through the request's transaction, then
-/// answers as `x-status` says (200 by default), after waiting at `gate` when one is set.
-fn orders_app<St: IdempotencyStore>(
-    layer: IdempotencyLayer<St>,
-    gate: Option<std::sync::Arc<tokio::sync::Semaphore>>,
-    table: String,
-) -> Router {
-    use axum::http::HeaderMap;
-    use tower_idempotency::PgTx;
-    Router::new()
-        .route(
-            "/pay",
-            post(move |tx: PgTx, headers: HeaderMap, body: String| {
-                let (gate, table) = (gate.clone(), table.clone());
-                async move {
-                    let insert = format!("INSERT INTO {table} (body) VALUES ($1)");
-                    sqlx::query(sqlx::AssertSqlSafe(insert))
-                        .bind(&body)
-                        .execute(&mut *tx.conn().await.unwrap())
-                        .await
-                        .unwrap();
-                    if headers.contains_key("x-gate")
-                        && let Some(gate) = gate
-                    {
-                        let _ = gate.acquire().await.unwrap();
-                    }
-                    if headers.contains_key("x-kill-backend") {
-                        // The transaction's connection dies before the layer commits.
-                        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                            .fetch_one(&mut *tx.conn().await.unwrap())
-                            .await
-                            .unwrap();
-                        let other = pool().await;
-                        let _: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-                            .bind(pid)
-                            .fetch_one(&other)
-                            .await
-                            .unwrap();
-                    }
-                    let status = headers
-                        .get("x-status")
-                        .map_or(StatusCode::OK, |s| s.to_str().unwrap().parse().unwrap());
-                    (status, format!("paid {body}"))
-                }
-            }),
-        )
-        .route_layer(layer)
-}
-
-async fn orders(store: &PgStore, table: &str) -> Vec<String> {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT body FROM {table} ORDER BY id"
-    )))
-    .fetch_all(store.pool())
-    .await
-    .unwrap()
-}
-
-/// A transactional store in a fresh schema, with its `orders` table.
-async fn transactional(test: &str) -> (PgStore, common::postgres::Schema, String) {
-    let (store, schema) = store(test).await;
-    let table = format!("\"{}\".orders", schema.name());
-    let create = format!("CREATE TABLE {table} (id serial PRIMARY KEY, body text NOT NULL)");
-    sqlx::query(sqlx::AssertSqlSafe(create))
-        .execute(store.pool())
-        .await
-        .unwrap();
-    (store.transactional(true), schema, table)
-}
-
-fn pay_with(key: &str, body: &'static str, headers: &[(&str, &str)]) -> Request<Body> {
-    let mut request = Request::post("/pay").header("idempotency-key", key);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    request.body(Body::from(body)).unwrap()
-}
-
-async fn answer(app: &Router, request: Request<Body>) -> (StatusCode, bool, String) {
-    let response = app.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let replayed = response.headers().contains_key("idempotent-replayed");
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        replayed,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
-}
-
-/// The handler's insert and the record commit together; the retry replays and inserts nothing.
-/// A 5xx answer rolls the insert back and releases the key, so the retry runs once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transactional_writes_commit_with_the_record_or_not_at_all() {
-    let (store, _schema, table) = transactional("tx-commit").await;
-    let app = orders_app(IdempotencyLayer::new(store.clone()), None, table.clone());
-    let first = answer(&app, pay_with("k", "a", &[])).await;
-    assert_eq!(first, (StatusCode::OK, false, "paid a".into()));
-    let again = answer(&app, pay_with("k", "a", &[])).await;
-    assert_eq!(again, (StatusCode::OK, true, "paid a".into()));
-    assert_eq!(orders(&store, &table).await, ["a"]);
-
-    let failed = answer(&app, pay_with("f", "b", &[("x-status", "500")])).await;
-    assert_eq!(failed.0, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(
-        orders(&store, &table).await,
-        ["a"],
-        "the 5xx's insert rolled back"
-    );
-    let retry = answer(&app, pay_with("f", "b", &[])).await;
-    assert_eq!(retry, (StatusCode::OK, false, "paid b".into()));
-    assert_eq!(orders(&store, &table).await, ["a", "b"]);
-}
-
-/// A stalled attempt (its renewals fail) loses its lease and another attempt takes the key over
-/// and commits. When the stalled one completes, its complete finds the key taken: its insert
-/// rolls back and its client gets `409 LeaseLost`. The other attempt's outcome stands.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_attempt_cannot_commit_after_a_takeover() {
-    use common::stub::{Fault, Op, Stub};
-    let (store, _schema, table) = transactional("tx-takeover").await;
-    let stalled = Stub::new(store.clone()).with(Op::Renew, Fault::Fail);
-    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    let layer = IdempotencyLayer::new(stalled).lock_ttl(Duration::from_millis(300));
-    let app = orders_app(layer, Some(gate.clone()), table.clone());
-
-    let first = tokio::spawn({
-        let app = app.clone();
-        async move { answer(&app, pay_with("k", "x", &[("x-gate", "1")])).await }
-    });
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let second = answer(&app, pay_with("k", "x", &[])).await;
-    assert_eq!(
-        second,
-        (StatusCode::OK, false, "paid x".into()),
-        "the takeover runs"
-    );
-    gate.add_permits(1);
-    let (status, _, body) = first.await.unwrap();
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(body.contains("LeaseLost"), "{body}");
-    assert_eq!(
-        orders(&store, &table).await,
-        ["x"],
-        "one insert: the takeover's"
-    );
-    let replay = answer(&app, pay_with("k", "x", &[])).await;
-    assert_eq!(replay, (StatusCode::OK, true, "paid x".into()));
-}
-
-/// The transaction's connection dies before the commit: `503 CommitFailed`, nothing was
-/// written, the key is released, and the retry runs once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_commit_answers_503_and_the_retry_runs_once() {
-    let (store, _schema, table) = transactional("tx-commit-fails").await;
-    let app = orders_app(IdempotencyLayer::new(store.clone()), None, table.clone());
-    let (status, _, body) = answer(&app, pay_with("k", "y", &[("x-kill-backend", "1")])).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(body.contains("CommitFailed"), "{body}");
-    assert!(orders(&store, &table).await.is_empty());
-    let retry = answer(&app, pay_with("k", "y", &[])).await;
-    assert_eq!(retry, (StatusCode::OK, false, "paid y".into()));
-    assert_eq!(orders(&store, &table).await, ["y"]);
-}
-
-/// `PgTx` without a transactional store behind the layer: the extractor answers `500`, and no
-/// claim is left behind.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pg_tx_needs_transactional_mode() {
-    let (store, _schema, table) = transactional("tx-missing").await;
-    let plain = store.clone().transactional(false);
-    let app = orders_app(IdempotencyLayer::new(plain), None, table.clone());
-    let (status, _, body) = answer(&app, pay_with("k", "z", &[])).await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
-    assert!(body.contains("transactional"), "{body}");
-    assert!(orders(&store, &table).await.is_empty());
 }

@@ -11,6 +11,8 @@
 pub mod backend;
 pub mod cluster;
 pub mod example;
+#[cfg(all(feature = "postgres", feature = "axum"))]
+pub mod orders;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod stub;
@@ -305,6 +307,12 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Starts a proxy to `127.0.0.1:upstream_port`, passing traffic through.
     pub async fn start(upstream_port: u16) -> Self {
+        Self::start_to("127.0.0.1", upstream_port).await
+    }
+
+    /// Starts a proxy to `host:port`, passing traffic through.
+    pub async fn start_to(host: &str, port: u16) -> Self {
+        let upstream = std::sync::Arc::<str>::from(format!("{host}:{port}"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the proxy");
@@ -327,10 +335,9 @@ impl TcpProxy {
                     continue;
                 }
                 let rx = watch.subscribe();
+                let upstream = upstream.clone();
                 tokio::spawn(async move {
-                    let Ok(server) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
-                    else {
+                    let Ok(server) = tokio::net::TcpStream::connect(&*upstream).await else {
                         return;
                     };
                     let _ = client.set_nodelay(true);

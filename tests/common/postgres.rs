@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tower_idempotency::PgStore;
 
 const HOW_TO_GET_POSTGRES: &str = "these tests need Postgres: set DATABASE_URL=postgres://... \
@@ -24,10 +24,17 @@ pub fn database_url() -> String {
 
 /// A pool on the test server; fails the test, saying how to get a server, if none answers.
 pub async fn pool() -> PgPool {
+    pool_named("tower-idempotency-tests").await
+}
+
+/// A pool whose connections carry `application_name`, so a test can find (and kill) its own
+/// backends in `pg_stat_activity`.
+pub async fn pool_named(application_name: &str) -> PgPool {
+    let options = connect_options().application_name(application_name);
     PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(&database_url())
+        .connect_with(options)
         .await
         .unwrap_or_else(|err| {
             panic!(
@@ -35,6 +42,13 @@ pub async fn pool() -> PgPool {
                 database_url()
             )
         })
+}
+
+/// The server's connection options, from [`database_url`].
+pub fn connect_options() -> PgConnectOptions {
+    database_url()
+        .parse()
+        .unwrap_or_else(|err| panic!("DATABASE_URL is not a Postgres URL ({err})"))
 }
 
 /// Drops its schema when dropped.
@@ -98,7 +112,7 @@ pub async fn store(test: &str) -> (PgStore, Schema) {
     let schema = Schema {
         name: unique_schema(test),
     };
-    let store = PgStore::new(pool().await)
+    let store = PgStore::new(pool_named(schema.name()).await)
         .schema(schema.name())
         .expect("a plain schema name");
     store.migrate().await.expect("migrate the test schema");
