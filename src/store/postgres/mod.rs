@@ -48,7 +48,7 @@ pub const DEFAULT_SCHEMA: &str = "public";
 ///
 /// | operation | statement | round trips |
 /// |---|---|---|
-/// | claim | `INSERT … ON CONFLICT (key) DO UPDATE … WHERE expires_at <= now`, with a read of the row that holds the key in the same statement | 1 |
+/// | claim | a read of the live row that holds the key and, only when there is none, `INSERT … ON CONFLICT (key) DO UPDATE … WHERE expires_at <= now`, in one statement (a replay takes no row lock) | 1 |
 /// | renew | `UPDATE … WHERE key = $1 AND owner = $2 AND record IS NULL AND expires_at > now` | 1 |
 /// | complete | `UPDATE … SET record = $3 WHERE key = $1 AND owner = $2 AND (record IS NULL OR record = $3)` | 1 |
 /// | release | `DELETE … WHERE key = $1 AND owner = $2 AND record IS NULL` | 1 |

@@ -16,14 +16,21 @@ pub(super) struct Statements {
 impl Statements {
     pub(super) fn new(schema: &str, table: &str) -> Self {
         let t = format!("\"{schema}\".\"{table}\"");
-        // The INSERT claims an absent or expired key; the SELECT reads, in the same statement,
-        // the row that holds it otherwise. Under READ COMMITTED that read uses the statement's
-        // snapshot, so a row another claim committed meanwhile can be missing from it (or seen
-        // expired): the caller then runs the statement again.
+        // `live` reads the row that holds the key, if it is not expired; only when there is
+        // none does the INSERT run, so a replay or an in-flight duplicate takes no row lock.
+        // The INSERT claims an absent or expired key. Under READ COMMITTED `live` uses the
+        // statement's snapshot, so a claim another attempt committed meanwhile can be missing
+        // from it while the INSERT, which sees it, leaves it alone: the statement then returns
+        // no row, and the caller runs it again.
         let claim = format!(
-            "WITH claimed AS (
+            "WITH live AS (
+                SELECT owner, fingerprint, record, expires_at FROM {t}
+                WHERE key = $1 AND expires_at > clock_timestamp()
+            ),
+            claimed AS (
                 INSERT INTO {t} AS e (key, owner, fingerprint, record, expires_at)
-                VALUES ($1, $2, $3, NULL, clock_timestamp() + $4 * interval '1 millisecond')
+                SELECT $1, $2, $3, NULL, clock_timestamp() + $4 * interval '1 millisecond'
+                WHERE NOT EXISTS (SELECT 1 FROM live)
                 ON CONFLICT (key) DO UPDATE
                     SET owner = EXCLUDED.owner, fingerprint = EXCLUDED.fingerprint,
                         record = NULL, expires_at = EXCLUDED.expires_at
@@ -36,7 +43,7 @@ impl Statements {
             UNION ALL
             SELECT false, owner, fingerprint, record,
                    (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8
-            FROM {t} WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)"
+            FROM live"
         );
         let renew = format!(
             "UPDATE {t} SET expires_at = clock_timestamp() + $3 * interval '1 millisecond'
