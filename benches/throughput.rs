@@ -42,6 +42,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
+use support::postgres::{self, PgBench};
 use support::{
     KEY_HEADER, KEY_LEN, RECORD_TTL_MS, REQUEST_BODY, RedisServer, Variant, handler_router,
     redis_store, response_body, router_for, write_key,
@@ -81,11 +82,12 @@ impl Settings {
                 .map(|name| {
                     Variant::ALL
                         .into_iter()
+                        .chain(Variant::POSTGRES)
                         .find(|v| v.name() == name.trim())
                         .unwrap_or_else(|| panic!("unknown variant {name:?} in BENCH_VARIANTS"))
                 })
                 .collect(),
-            _ => Variant::ALL.to_vec(),
+            _ => Variant::ALL.into_iter().chain(Variant::POSTGRES).collect(),
         };
         Self {
             rounds: env_or("BENCH_ROUNDS", 7usize).max(1),
@@ -347,6 +349,8 @@ struct Bench {
     client: tokio::runtime::Runtime,
     /// How many commands the bench's own bookkeeping adds to `total_commands_processed`.
     own_commands: u64,
+    /// The Postgres variants' schema and pool, when any runs.
+    pg: Option<PgBench>,
 }
 
 impl Bench {
@@ -362,6 +366,9 @@ impl Bench {
             }
         };
         flushall(&mut self.stats);
+        if let Some(pg) = self.pg.as_ref().filter(|_| variant.uses_postgres()) {
+            self.servers.block_on(pg.reset());
+        }
         let senders = self.client.block_on(connect(addr, s.concurrency));
         let (senders, _) =
             self.client
@@ -422,7 +429,11 @@ fn main() {
         servers,
         client,
         own_commands: 0,
+        pg: None,
     };
+    if bench.settings.variants.iter().any(|v| v.uses_postgres()) {
+        bench.pg = Some(bench.servers.block_on(PgBench::setup()));
+    }
     bench.own_commands = bookkeeping_commands(&mut bench.stats);
     let s = &bench.settings;
     let version = info(&mut bench.stats, "server")
@@ -459,9 +470,15 @@ fn main() {
     let addrs: Vec<(Variant, SocketAddr)> = variants
         .iter()
         .map(|&v| {
-            let router = bench
-                .servers
-                .block_on(router_for(v, &url, response.clone()));
+            let router = match &bench.pg {
+                Some(pg) if v.uses_postgres() => {
+                    let _runtime = bench.servers.enter();
+                    postgres::router_for(v, pg, response.clone())
+                }
+                _ => bench
+                    .servers
+                    .block_on(router_for(v, &url, response.clone())),
+            };
             (v, bench.servers.block_on(serve(router)))
         })
         .collect();
@@ -484,6 +501,9 @@ fn main() {
             Variant::BaselineFenced,
         ],
         &[Variant::RedisReplay, Variant::BaselineReplay],
+        &[Variant::PgFirst, Variant::BaselinePg],
+        &[Variant::PgReplay, Variant::BaselinePgReplay],
+        &[Variant::PgTxFirst, Variant::BaselinePgTx],
     ]
     .iter()
     .map(|group| {
@@ -517,6 +537,10 @@ fn main() {
     print_redis_costs(&totals);
     if bench.settings.memory {
         memory_per_record(&mut bench);
+    }
+    if let Some(pg) = bench.pg.take() {
+        bench.servers.block_on(postgres_extras(&pg, &response));
+        bench.servers.block_on(pg.drop_schema());
     }
     bench.servers.shutdown_background();
 }
@@ -606,6 +630,24 @@ fn print_table(totals: &BTreeMap<Variant, Totals>) {
             Variant::BaselineFenced,
             Variant::BaselineFirst,
             f64::NAN,
+        ),
+        (
+            "7 / 7a  PgStore first vs its SQL by hand",
+            Variant::PgFirst,
+            Variant::BaselinePg,
+            0.9,
+        ),
+        (
+            "8 / 8a  PgStore replay vs its SQL by hand",
+            Variant::PgReplay,
+            Variant::BaselinePgReplay,
+            0.9,
+        ),
+        (
+            "9 / 9a  transactional vs the INSERT alone",
+            Variant::PgTxFirst,
+            Variant::BaselinePgTx,
+            0.85,
         ),
     ];
     println!(
@@ -791,5 +833,43 @@ fn memory_per_record(bench: &mut Bench) {
             hand_delta,
             body.len() + 200
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Postgres: bytes per stored record, purge rate
+
+async fn postgres_extras(pg: &PgBench, response: &Bytes) {
+    println!();
+    println!("Postgres per stored record ({} B response)", response.len());
+    pg.reset().await;
+    let n = 5000;
+    for variant in [Variant::PgFirst, Variant::BaselinePg] {
+        let addr = serve(postgres::router_for(variant, pg, response.clone())).await;
+        let mut senders = connect(addr, 1).await;
+        let sender = &mut senders[0];
+        for i in 0..n {
+            let req = hyper::Request::post("/pay")
+                .header(header::HOST, "bench")
+                .header(KEY_HEADER, format!("size-{i}"))
+                .body(Full::new(Bytes::from_static(REQUEST_BODY)))
+                .expect("request");
+            sender.ready().await.expect("connection");
+            let resp = sender.send_request(req).await.expect("response");
+            assert!(resp.status().is_success(), "status {}", resp.status());
+            resp.into_body().collect().await.expect("body");
+        }
+    }
+    for (label, table) in [
+        ("layer (idempotency_keys)", "idempotency_keys"),
+        ("by hand (body only)", "base_keys"),
+    ] {
+        let (total, row) = pg.bytes_per_row(table).await;
+        println!("  {label:<28} {total:>8.0} B per record with index and TOAST, {row:>6.0} B row");
+    }
+    pg.reset().await;
+    for batch in [1_000u32, 10_000] {
+        let rate = pg.purge_rate(100_000, batch).await;
+        println!("  purge_expired({batch}): {rate:.0} expired rows per second (100,000 rows)");
     }
 }

@@ -8,6 +8,7 @@
 )]
 
 pub mod null_store;
+pub mod postgres;
 
 use std::collections::HashMap;
 use std::net::TcpListener as StdListener;
@@ -62,6 +63,12 @@ pub enum Variant {
     BaselineFenced,
     CachedReplay,
     BaselineMemory,
+    PgFirst,
+    PgReplay,
+    BaselinePg,
+    BaselinePgReplay,
+    PgTxFirst,
+    BaselinePgTx,
 }
 
 impl Variant {
@@ -77,6 +84,16 @@ impl Variant {
         Self::BaselineMemory,
     ];
 
+    /// The variants on Postgres (throughput benchmark only; see `postgres.rs`).
+    pub const POSTGRES: [Self; 6] = [
+        Self::PgFirst,
+        Self::PgReplay,
+        Self::BaselinePg,
+        Self::BaselinePgReplay,
+        Self::PgTxFirst,
+        Self::BaselinePgTx,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Plain => "plain",
@@ -88,6 +105,12 @@ impl Variant {
             Self::BaselineFenced => "baseline-fenced",
             Self::CachedReplay => "cached-replay",
             Self::BaselineMemory => "baseline-memory",
+            Self::PgFirst => "pg-first",
+            Self::PgReplay => "pg-replay",
+            Self::BaselinePg => "baseline-pg",
+            Self::BaselinePgReplay => "baseline-pg-replay",
+            Self::PgTxFirst => "pg-tx-first",
+            Self::BaselinePgTx => "baseline-pg-tx",
         }
     }
 
@@ -102,6 +125,12 @@ impl Variant {
             Self::BaselineFenced => "5c SET NX GET + fenced SET (by hand)",
             Self::CachedReplay => "6  layer + RedisStore + LocalCache, replay",
             Self::BaselineMemory => "5m map claim + store (by hand)",
+            Self::PgFirst => "7  layer + PgStore, first",
+            Self::PgReplay => "8  layer + PgStore, replay",
+            Self::BaselinePg => "7a claim + complete SQL (by hand)",
+            Self::BaselinePgReplay => "8a claim SQL, replay (by hand)",
+            Self::PgTxFirst => "9  layer + PgStore tx, INSERT",
+            Self::BaselinePgTx => "9a BEGIN INSERT COMMIT (no layer)",
         }
     }
 
@@ -109,12 +138,20 @@ impl Variant {
     pub fn repeats_key(self) -> bool {
         matches!(
             self,
-            Self::RedisReplay | Self::BaselineReplay | Self::CachedReplay
+            Self::RedisReplay
+                | Self::BaselineReplay
+                | Self::CachedReplay
+                | Self::PgReplay
+                | Self::BaselinePgReplay
         )
     }
 
     pub fn uses_redis(self) -> bool {
-        !matches!(self, Self::Plain | Self::Memory | Self::BaselineMemory)
+        !matches!(self, Self::Plain | Self::Memory | Self::BaselineMemory) && !self.uses_postgres()
+    }
+
+    pub fn uses_postgres(self) -> bool {
+        Self::POSTGRES.contains(&self)
     }
 }
 
@@ -423,6 +460,7 @@ pub async fn router_for(variant: Variant, url: &str, response: Bytes) -> Router 
             };
             Router::new().route("/pay", route).with_state(state)
         }
+        v => panic!("{v:?} is built by postgres::router_for"),
     }
 }
 
