@@ -166,6 +166,9 @@
 mod body;
 #[cfg(feature = "cache")]
 mod cache;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 mod clock;
 mod config;
 #[cfg(feature = "conformance")]
