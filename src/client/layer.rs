@@ -96,6 +96,7 @@ impl IdempotentClientLayer {
         Arc::make_mut(&mut self.settings)
     }
 
+    #[cfg(any(feature = "reqwest", test))]
     pub(crate) fn settings(&self) -> Arc<Settings> {
         self.settings.clone()
     }
