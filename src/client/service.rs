@@ -22,9 +22,14 @@ use crate::key::IdempotencyKey;
 /// The service made by [`IdempotentClientLayer`](super::IdempotentClientLayer), around an HTTP
 /// client `S` (such as hyper-util's `Client`).
 ///
-/// Its error is the inner client's error, boxed, from the last attempt, or
-/// [`AttemptTimedOut`]. The inner client must be `Clone`: each retry drives a clone of it to
-/// readiness, as `tower::retry` does.
+/// Its error is the inner client's error from the last attempt, boxed (downcast it to the
+/// client's own type), or [`AttemptTimedOut`]. A Tower client's errors do not say in a common
+/// way whether the request left, so every error of the inner client is taken for a connection
+/// failure and retried: harmless with the key, and bounded like any retry. A request body that
+/// fails while it is being buffered is returned at once, before anything is sent.
+///
+/// The inner client must be `Clone`: the first attempt goes to the client driven to readiness
+/// by `poll_ready`, a clone of it takes its place.
 #[derive(Clone)]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub struct IdempotentClient<S> {
