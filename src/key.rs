@@ -46,6 +46,24 @@ impl IdempotencyKey {
         }
     }
 
+    /// A key from its text as is (no unquoting): 1 to 255 characters of visible ASCII.
+    ///
+    /// For a key a sender chooses itself, such as an order id kept with the operation so that a
+    /// retry after a restart sends the same key.
+    ///
+    /// ```
+    /// use tower_idempotency::IdempotencyKey;
+    ///
+    /// let key = IdempotencyKey::new("order-1234").unwrap();
+    /// assert_eq!(key.as_str(), "order-1234");
+    /// assert!(IdempotencyKey::new("two words").is_err());
+    /// ```
+    pub fn new(key: impl AsRef<str>) -> Result<Self, KeyError> {
+        let key = key.as_ref().as_bytes();
+        validate(key)?;
+        Self::from_visible_ascii(key)
+    }
+
     /// The key from bytes already checked to be visible ASCII (so valid UTF-8).
     fn from_visible_ascii(key: &[u8]) -> Result<Self, KeyError> {
         let text = std::str::from_utf8(key).map_err(|_| KeyError::InvalidCharacter)?;

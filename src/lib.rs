@@ -83,6 +83,13 @@
 //! # }
 //! ```
 //!
+//! # Sending
+//!
+//! The other end of the wire is in [`client`] (feature `client`): a sender must send one key per
+//! logical operation and the same key on every retry of it. [`client::IdempotentClientLayer`]
+//! does so for any Tower HTTP client (hyper-util's `Client`), and with the `reqwest` feature
+//! [`client::IdempotencyMiddleware`] for `reqwest-middleware`.
+//!
 //! # How it works
 //!
 //! The first request claims its key in the store in one atomic step, recording a random owner
@@ -136,11 +143,16 @@
 //!   feature of `sqlx` if your database needs it).
 //! - `conformance`: [`conformance`] and [`store_conformance_tests!`], the kit that checks a store
 //!   against the [`IdempotencyStore`] contract.
+//! - `client`: the sender's side, [`client::IdempotentClientLayer`], for any Tower HTTP client:
+//!   a key per operation, retries with the same key and body.
+//! - `reqwest`: the same for `reqwest` (0.13, through `reqwest-middleware` 0.5),
+//!   [`client::IdempotencyMiddleware`]; no TLS backend is chosen for you.
 //!
 //! # Supported versions
 //!
 //! **axum 0.8** (feature `axum`), `http` 1, Tower 0.4 and 0.5 (`tower-layer` and
-//! `tower-service` 0.3), tokio 1, redis-rs 1 (feature `redis`), Rust 1.88.
+//! `tower-service` 0.3), tokio 1, redis-rs 1 (feature `redis`), reqwest 0.13 and
+//! reqwest-middleware 0.5 (feature `reqwest`), Rust 1.88.
 //!
 //! An application on another axum version (0.7, say) still compiles with this crate, which
 //! then builds axum 0.8 as a second copy the application's router never meets: keys are scoped
@@ -166,6 +178,9 @@
 mod body;
 #[cfg(feature = "cache")]
 mod cache;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 mod clock;
 mod config;
 #[cfg(feature = "conformance")]
