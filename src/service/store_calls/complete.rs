@@ -3,11 +3,9 @@
 //! tried again for up to half the lease, the lease renewed before each try; with a store that
 //! commits the handler's writes with the record, a failed completion is final instead.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 
-use super::Ctx;
+use super::{Backoff, Ctx};
 use crate::metrics::{self, Stopwatch};
 use crate::record::CompletedRecord;
 use crate::rejection::Rejection;
@@ -120,8 +118,7 @@ impl<St: IdempotencyStore> Ctx<St> {
         let ttl = self.shared.config.record_ttl;
         let store = &self.shared.store;
         let key = self.scoped.as_str();
-        let deadline = tokio::time::Instant::now() + lease / 2;
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new(lease / 2);
         for tries in 2.. {
             metrics::count(metrics::COMPLETE_RETRIES);
             // The lease first: a renewal that finds the key no longer running is not final (a
@@ -137,18 +134,12 @@ impl<St: IdempotencyStore> Ctx<St> {
                     store.complete(key, token, record, ttl),
                 )
                 .await;
-            match stored {
-                Err(err)
-                    if err.outcome_unknown() && tokio::time::Instant::now() + delay < deadline =>
-                {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                Ok(Fenced::Applied) => {
-                    tracing::info!(route = %self.route, tries, "response stored after trying again");
-                    return stored;
-                }
-                other => return other,
+            if matches!(stored, Ok(Fenced::Applied)) {
+                tracing::info!(route = %self.route, tries, "response stored after trying again");
+                return stored;
+            }
+            if !backoff.wait_to_retry(&stored).await {
+                return stored;
             }
         }
         unreachable!("the loop returns")

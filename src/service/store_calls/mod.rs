@@ -1,7 +1,7 @@
 //! The store calls of the protected path, each within the store timeout and measured: claim,
 //! wait for an in-flight duplicate, renew and prepare here; complete (tried again while the
 //! store fails) in `complete.rs`; release (in the background when the store fails) in
-//! `release.rs`.
+//! `release.rs`. Both retries back off the same way ([`Backoff`]).
 
 mod complete;
 mod release;
@@ -163,6 +163,35 @@ impl<St: IdempotencyStore> Ctx<St> {
             .await;
         unwound.armed = prepared.is_err();
         prepared
+    }
+}
+
+/// The back-off of a store call tried again while its outcome is unknown (the store failed or
+/// timed out): 50 ms doubling to 1 s between tries, no try started once the next wait would
+/// pass the budget. Every fenced operation is safe to repeat: a repeat of one that applied
+/// finds it applied.
+struct Backoff {
+    deadline: tokio::time::Instant,
+    delay: Duration,
+}
+
+impl Backoff {
+    fn new(budget: Duration) -> Self {
+        Self {
+            deadline: tokio::time::Instant::now() + budget,
+            delay: Duration::from_millis(50),
+        }
+    }
+
+    /// Whether to try again after `result`: if so, having waited; if not, `result` is final.
+    async fn wait_to_retry<T>(&mut self, result: &Result<T, StoreError>) -> bool {
+        let unknown = matches!(result, Err(err) if err.outcome_unknown());
+        if !unknown || tokio::time::Instant::now() + self.delay >= self.deadline {
+            return false;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_secs(1));
+        true
     }
 }
 

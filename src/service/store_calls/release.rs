@@ -2,12 +2,9 @@
 //! store could not be reached, tried again until the store answers or the lease would have
 //! lapsed anyway.
 
-use std::future::Future;
-use std::time::Duration;
-
-use super::Ctx;
+use super::{Backoff, Ctx};
 use crate::metrics::{self, Stopwatch};
-use crate::store::{Attempt, IdempotencyStore, StoreError};
+use crate::store::{Attempt, IdempotencyStore};
 
 impl<St: IdempotencyStore> Ctx<St> {
     /// Releases the claim; `watch` was lapped when the handler finished. If the store fails,
@@ -43,12 +40,16 @@ impl<St: IdempotencyStore> Ctx<St> {
                 scoped,
                 route,
             };
-            let lease = ctx.shared.config.lock_ttl;
-            let released = ctx
-                .with_retries("release", lease, || {
-                    ctx.shared.store.release(ctx.scoped.as_str(), &attempt)
-                })
-                .await;
+            // A release repeated after it applied finds the key no longer this attempt's.
+            let mut backoff = Backoff::new(ctx.shared.config.lock_ttl);
+            let released = loop {
+                let mut watch = Stopwatch::start();
+                let release = ctx.shared.store.release(ctx.scoped.as_str(), &attempt);
+                let released = ctx.timed("release", &mut watch, release).await;
+                if !backoff.wait_to_retry(&released).await {
+                    break released;
+                }
+            };
             if let Err(err) = released {
                 tracing::warn!(
                     route = %ctx.route,
@@ -64,35 +65,6 @@ impl<St: IdempotencyStore> Ctx<St> {
                 route = %self.route,
                 "too many claims being released in the background; this one lapses with its lease"
             );
-        }
-    }
-
-    /// Runs the fenced store operation `op` until it answers, trying again with back-off (50 ms
-    /// doubling to 1 s) while the store fails or times out, for at most `bound`. Every
-    /// operation is safe to repeat: a repeat of one that applied finds it applied.
-    pub(in crate::service) async fn with_retries<T, F, Fut>(
-        &self,
-        name: &'static str,
-        bound: Duration,
-        mut op: F,
-    ) -> Result<T, StoreError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, StoreError>>,
-    {
-        let deadline = tokio::time::Instant::now() + bound;
-        let mut delay = Duration::from_millis(50);
-        loop {
-            let mut watch = Stopwatch::start();
-            match self.timed(name, &mut watch, op()).await {
-                Err(err)
-                    if err.outcome_unknown() && tokio::time::Instant::now() + delay < deadline =>
-                {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                other => return other,
-            }
         }
     }
 }
