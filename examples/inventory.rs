@@ -24,7 +24,7 @@
 //! | `INITIAL_STOCK` | initial stock of both `SKU123` and `SKU456` | `100` |
 //! | `WORK_MS` | simulated downstream delay, before the stock changes | `0` |
 //! | `KEY_TTL_SECS` | how long a completed response is replayed | `86400` |
-//! | `LOCK_TTL_MS` | lease of a running request | `30000` |
+//! | `LEASE_TTL_MS` | lease of a running request | `30000` |
 //! | `RUST_LOG` | log filter | `info,tower_idempotency=debug` |
 //!
 //! The program prints `listening on http://ADDR` on standard output once it accepts
@@ -70,7 +70,7 @@
 //! {"order_id":"o-1","applied":[{"sku":"SKU123","qty":2}],"stock":{"SKU123":98,"SKU456":100}}
 //!
 //! # Another event, delivered twice at once: the duplicate arrives while the first still runs.
-//! # Retry-After is what is left of the lease (LOCK_TTL_MS), renewed while the handler runs.
+//! # Retry-After is what is left of the lease (LEASE_TTL_MS), renewed while the handler runs.
 //! $ ORDER2='{"order_id":"o-2","items":[{"sku":"SKU123","qty":2}]}'
 //! $ curl -s $URL -H 'Idempotency-Key: evt-2' -d "$ORDER2" & sleep 0.5
 //! $ curl -i $URL -H 'Idempotency-Key: evt-2' -d "$ORDER2"
@@ -139,7 +139,7 @@ struct Config {
     initial_stock: u64,
     work: Duration,
     key_ttl: Duration,
-    lock_ttl: Duration,
+    lease_ttl: Duration,
 }
 
 impl Config {
@@ -151,8 +151,8 @@ impl Config {
             })?,
         };
         let key_ttl = Duration::from_secs(number("KEY_TTL_SECS", 86_400, 1, MAX_TTL.as_secs())?);
-        let lock_ttl = Duration::from_millis(number(
-            "LOCK_TTL_MS",
+        let lease_ttl = Duration::from_millis(number(
+            "LEASE_TTL_MS",
             30_000,
             1,
             MAX_TTL.as_millis() as u64,
@@ -163,7 +163,7 @@ impl Config {
             initial_stock: number("INITIAL_STOCK", 100, 0, u64::MAX)?,
             work: Duration::from_millis(number("WORK_MS", 0, 0, u64::MAX)?),
             key_ttl,
-            lock_ttl,
+            lease_ttl,
         })
     }
 }
@@ -439,7 +439,7 @@ async fn main() -> ExitCode {
         initial_stock = config.initial_stock,
         work_ms = config.work.as_millis() as u64,
         key_ttl_secs = config.key_ttl.as_secs(),
-        lock_ttl_ms = config.lock_ttl.as_millis() as u64,
+        lease_ttl_ms = config.lease_ttl.as_millis() as u64,
         "ready"
     );
     #[allow(clippy::print_stdout)]
@@ -473,5 +473,5 @@ async fn main() -> ExitCode {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 fn configure<St>(layer: IdempotencyLayer<St>, config: &Config) -> IdempotencyLayer<St> {
-    layer.record_ttl(config.key_ttl).lock_ttl(config.lock_ttl)
+    layer.record_ttl(config.key_ttl).lease_ttl(config.lease_ttl)
 }

@@ -25,7 +25,8 @@ use crate::varint::{put_varint, varint_len};
 
 /// The encoding version written by this crate.
 pub(super) const VERSION: u8 = 1;
-pub(super) const DONE: u8 = b'D';
+/// The tag of a completed record (the second byte; `D` for the name the state once had).
+pub(super) const COMPLETED: u8 = b'D';
 const FLAG_BODY_OMITTED: u8 = 1;
 /// A header count from this value up is written as this value and a varint.
 const COUNT_ESCAPE: usize = u16::MAX as usize;
@@ -52,7 +53,7 @@ impl CompletedRecord {
     /// Encodes the record in the crate's versioned binary format.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
-        out.extend_from_slice(&[VERSION, DONE]);
+        out.extend_from_slice(&[VERSION, COMPLETED]);
         out.extend_from_slice(self.fingerprint.as_bytes());
         out.push(if self.body_omitted {
             FLAG_BODY_OMITTED
@@ -88,7 +89,7 @@ impl CompletedRecord {
             buf: &bytes,
             pos: 0,
         };
-        r.header(DONE)?;
+        r.header(COMPLETED)?;
         let fingerprint = Fingerprint(r.array()?);
         let flags = r.u8()?;
         if flags & !FLAG_BODY_OMITTED != 0 {

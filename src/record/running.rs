@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use super::CompletedRecord;
-use super::encoding::{DONE, DecodeError, Reader, VERSION};
+use super::encoding::{COMPLETED, DecodeError, Reader, VERSION};
 use crate::fingerprint::Fingerprint;
 
 /// The tag of a running record (the second byte).
@@ -69,7 +69,7 @@ impl Stored {
     pub(crate) fn decode(bytes: Bytes) -> Result<Self, DecodeError> {
         match bytes.get(..2) {
             Some([VERSION, RUNNING]) => RunningRecord::decode(&bytes).map(Self::Running),
-            Some([VERSION, DONE]) => CompletedRecord::decode(bytes).map(Self::Completed),
+            Some([VERSION, COMPLETED]) => CompletedRecord::decode(bytes).map(Self::Completed),
             Some([VERSION, _]) => Err(DecodeError("unknown record kind")),
             Some(_) => Err(DecodeError("unknown record version")),
             None => Err(DecodeError("record too short")),

@@ -114,7 +114,7 @@ impl<St: IdempotencyStore> Ctx<St> {
         token: &mut St::Token,
         record: &CompletedRecord,
     ) -> Result<Fenced, StoreError> {
-        let lease = self.shared.config.lock_ttl;
+        let lease = self.shared.config.lease_ttl;
         let ttl = self.shared.config.record_ttl;
         let store = &self.shared.store;
         let key = self.scoped.as_str();

@@ -54,7 +54,7 @@ impl<St: IdempotencyStore> Ctx<St> {
             attempt,
             armed: true,
         };
-        let lease = self.shared.config.lock_ttl;
+        let lease = self.shared.config.lease_ttl;
         let claim = self
             .timed(
                 "claim",
@@ -105,7 +105,7 @@ impl<St: IdempotencyStore> Ctx<St> {
     /// Renews the lease every third of its length. Never returns; stops renewing (and waits
     /// forever) once the lease is lost.
     pub(in crate::service) async fn renew_forever(&self, token: &mut St::Token) {
-        let lease = self.shared.config.lock_ttl;
+        let lease = self.shared.config.lease_ttl;
         let period = lease / 3;
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -41,7 +41,7 @@ impl<St: IdempotencyStore> Ctx<St> {
                 route,
             };
             // A release repeated after it applied finds the key no longer this attempt's.
-            let mut backoff = Backoff::new(ctx.shared.config.lock_ttl);
+            let mut backoff = Backoff::new(ctx.shared.config.lease_ttl);
             let released = loop {
                 let mut watch = Stopwatch::start();
                 let release = ctx.shared.store.release(ctx.scoped.as_str(), &attempt);
