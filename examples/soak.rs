@@ -225,14 +225,14 @@ async fn main() {
         app(
             IdempotencyLayer::new(redis_store)
                 .record_ttl(record_ttl)
-                .lock_ttl(lease),
+                .lease_ttl(lease),
             redis_runs.clone(),
             stats.clone(),
         ),
         app(
             IdempotencyLayer::new(memory.clone())
                 .record_ttl(record_ttl)
-                .lock_ttl(lease),
+                .lease_ttl(lease),
             memory_runs.clone(),
             stats.clone(),
         ),

@@ -29,7 +29,7 @@ pub(crate) struct Config {
     pub(crate) namespace: Option<Arc<str>>,
     pub(crate) require_key: bool,
     pub(crate) skip_safe_methods: bool,
-    pub(crate) lock_ttl: Duration,
+    pub(crate) lease_ttl: Duration,
     pub(crate) record_ttl: Duration,
     pub(crate) max_request_body: usize,
     pub(crate) max_response_body: usize,
@@ -54,7 +54,7 @@ impl Default for Config {
             namespace: None,
             require_key: true,
             skip_safe_methods: true,
-            lock_ttl: Duration::from_secs(30),
+            lease_ttl: Duration::from_secs(30),
             record_ttl: Duration::from_secs(24 * 60 * 60),
             max_request_body: 1024 * 1024,
             max_response_body: 1024 * 1024,
@@ -81,7 +81,7 @@ impl fmt::Debug for Config {
             .field("namespace", &self.namespace)
             .field("require_key", &self.require_key)
             .field("skip_safe_methods", &self.skip_safe_methods)
-            .field("lock_ttl", &self.lock_ttl)
+            .field("lease_ttl", &self.lease_ttl)
             .field("record_ttl", &self.record_ttl)
             .field("max_request_body", &self.max_request_body)
             .field("max_response_body", &self.max_response_body)

@@ -24,7 +24,7 @@ use crate::source::KeySource;
 ///
 /// let layer = IdempotencyLayer::new(MemoryStore::new())
 ///     .record_ttl(Duration::from_secs(7 * 24 * 60 * 60))
-///     .lock_ttl(Duration::from_secs(10))
+///     .lease_ttl(Duration::from_secs(10))
 ///     .scope_with(|parts| {
 ///         parts.headers.get("x-tenant").and_then(|v| v.to_str().ok()).map(str::to_owned)
 ///     });
@@ -106,18 +106,24 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// Sets the lease of a running request: how long a key stays locked if its owner stops
+    /// Sets the lease of a running request: how long a key stays claimed if its owner stops
     /// renewing it (the instance crashed). The owner renews every third of it while the handler
-    /// runs, so a slow handler keeps its lock however long it takes. Storing a response that
+    /// runs, so a slow handler keeps its lease however long it takes. Storing a response that
     /// the store fails to take is tried again for up to half of it, so keep it above the
     /// longest store outage you want a response to survive.
     ///
     /// Values are clamped to between 3 ms and 100 years.
     ///
     /// Defaults to 30 seconds.
-    pub fn lock_ttl(mut self, ttl: Duration) -> Self {
-        self.config().lock_ttl = ttl.clamp(Duration::from_millis(3), MAX_TTL);
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.config().lease_ttl = ttl.clamp(Duration::from_millis(3), MAX_TTL);
         self
+    }
+
+    /// The former name of [`lease_ttl`](Self::lease_ttl).
+    #[deprecated(since = "0.2.0", note = "renamed to lease_ttl")]
+    pub fn lock_ttl(self, ttl: Duration) -> Self {
+        self.lease_ttl(ttl)
     }
 
     /// Sets how long a completed response is kept and replayed. After it, the key is new again.
@@ -177,7 +183,7 @@ impl<St> IdempotencyLayer<St> {
     /// Sets the time limit of every store operation. A claim that does not finish in time is
     /// treated as the store being unavailable (`503`, or fail-open); since the store may still
     /// apply it, it is released in the background once the store answers. Storing a response
-    /// that times out is tried again (see [`lock_ttl`](Self::lock_ttl)).
+    /// that times out is tried again (see [`lease_ttl`](Self::lease_ttl)).
     ///
     /// Defaults to 2 seconds.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
@@ -336,6 +342,14 @@ mod tests {
 
     fn builder(rejection: &Rejection) -> http::response::Builder {
         http::Response::builder().status(rejection.status())
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn lock_ttl_is_the_old_name_of_lease_ttl() {
+        let lease = Duration::from_millis(1234);
+        let layer = IdempotencyLayer::new(MemoryStore::new()).lock_ttl(lease);
+        assert_eq!(layer.config.lease_ttl, lease);
     }
 
     #[test]

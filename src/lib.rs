@@ -93,7 +93,7 @@
 //! # How it works
 //!
 //! The first request claims its key in the store in one atomic step, recording a random owner
-//! token and the request fingerprint, with a short lease ([`lock_ttl`](IdempotencyLayer::lock_ttl),
+//! token and the request fingerprint, with a short lease ([`lease_ttl`](IdempotencyLayer::lease_ttl),
 //! 30 s). While the handler runs, the owner renews the lease every third of it, so a slow handler
 //! is never run twice and an instance that crashed frees the key once its lease lapses. A client
 //! that disconnects does not cancel a handler halfway: once the request holds its claim, what is
@@ -115,7 +115,7 @@
 //!   [`IdempotencyKey`] (the handler can extract it) in the same transaction and check it there;
 //!   for calls to another API, forward the key so that API deduplicates too.
 //! - A response the store cannot take is tried again for up to half the lease
-//!   ([`lock_ttl`](IdempotencyLayer::lock_ttl)), the lease renewed meanwhile; a store unable to
+//!   ([`lease_ttl`](IdempotencyLayer::lease_ttl)), the lease renewed meanwhile; a store unable to
 //!   take it for longer leaves the claim to lapse, and a retry after that runs again.
 //! - Redis replication is asynchronous: a failover that loses an unreplicated write can lose a
 //!   claim or a record, and a retry then runs again. So do a restart without persistence and

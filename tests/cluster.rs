@@ -423,7 +423,7 @@ async fn master_failover_gives_503_during_and_correct_behaviour_after() {
     let spy = Stub::new(store.clone());
     let runs = Executions::default();
     // The default lease (30 s) outlasts the test: a key whose claim reached Redis but whose
-    // request failed stays locked (409) rather than running again.
+    // request failed stays claimed (409) rather than running again.
     let app = router(
         IdempotencyLayer::new(spy.clone()).store_timeout(STORE_TIMEOUT),
         &runs,
@@ -706,7 +706,7 @@ async fn master_failover_gives_503_during_and_correct_behaviour_after() {
         let first = first_replies[key.as_str()];
         let acked = spy.completed_at(&scoped.of(key).await);
         let outcome = if first.status == StatusCode::SERVICE_UNAVAILABLE {
-            // Refused, so never run; a retry runs it now, or finds the key locked (409) when the
+            // Refused, so never run; a retry runs it now, or finds the key claimed (409) when the
             // claim reached Redis but its answer did not reach the layer in time.
             assert!(
                 retry.fresh() || retry.status == StatusCode::CONFLICT,
@@ -716,7 +716,7 @@ async fn master_failover_gives_503_during_and_correct_behaviour_after() {
             if retry.fresh() {
                 "refused; the retry ran it"
             } else {
-                "refused; the retry found it locked (409)"
+                "refused; the retry found it claimed (409)"
             }
         } else if acked.is_some_and(|at| !on_victim(key) || at > killed) {
             // Completed on a master that did not fail, or on the promoted replica: durable.
@@ -730,7 +730,7 @@ async fn master_failover_gives_503_during_and_correct_behaviour_after() {
         } else {
             // Completed on the failed master shortly before it died (not known to be
             // replicated), or run but never completed because the master died meanwhile: the
-            // at-most-once caveat. The retry may replay, find the key locked until its lease
+            // at-most-once caveat. The retry may replay, find the key claimed until its lease
             // lapses (and then run it again), or run it again at once.
             assert!(
                 retry.status == StatusCode::OK || retry.status == StatusCode::CONFLICT,
@@ -744,7 +744,7 @@ async fn master_failover_gives_503_during_and_correct_behaviour_after() {
                 }
                 (false, true, _) => "completion unacknowledged; replayed",
                 (false, _, true) => "completion unacknowledged; ran again",
-                _ => "completion unacknowledged; locked (409) until the lease lapses",
+                _ => "completion unacknowledged; claimed (409) until the lease lapses",
             }
         };
         *outcomes.entry(outcome).or_default() += 1;

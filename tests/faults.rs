@@ -160,7 +160,7 @@ fn shop_app<St: IdempotencyStore>(layer: IdempotencyLayer<St>, shop: &Shop) -> R
 
 fn layer<St>(store: St, lease: Duration) -> IdempotencyLayer<St> {
     IdempotencyLayer::new(store)
-        .lock_ttl(lease)
+        .lease_ttl(lease)
         .store_timeout(STORE_TIMEOUT)
 }
 
@@ -1649,7 +1649,7 @@ async fn connections_killed_repeatedly_under_load_run_every_key_once() {
     let shop = Shop::default();
     let app = shop_app(
         IdempotencyLayer::new(redis_store(&url, &prefix).await)
-            .lock_ttl(Duration::from_secs(10))
+            .lease_ttl(Duration::from_secs(10))
             .store_timeout(Duration::from_secs(1)),
         &shop,
     );

@@ -407,7 +407,7 @@ async fn reused_key_with_different_payload_is_422<St: IdempotencyStore>(b: Backe
 async fn duplicate_in_flight_gets_409_with_retry_after<St: IdempotencyStore>(b: Backend<St>) {
     let counters = Counters::default();
     let app = app(
-        IdempotencyLayer::new(b.store).lock_ttl(Duration::from_secs(9)),
+        IdempotencyLayer::new(b.store).lease_ttl(Duration::from_secs(9)),
         &counters,
     );
     let slow = || {
@@ -476,7 +476,7 @@ async fn concurrent_duplicates_run_once<St: IdempotencyStore>(b: Backend<St>) {
 async fn lease_shorter_than_handler_still_runs_once<St: IdempotencyStore>(b: Backend<St>) {
     let counters = Counters::default();
     let app = app(
-        IdempotencyLayer::new(b.store).lock_ttl(Duration::from_millis(300)),
+        IdempotencyLayer::new(b.store).lease_ttl(Duration::from_millis(300)),
         &counters,
     );
     let req = || {
@@ -508,10 +508,10 @@ async fn abandoned_claim_blocks_until_lease_lapses<St: IdempotencyStore>(b: Back
     let counters = Counters::default();
     let lease = Duration::from_millis(600);
     let crashed = app(
-        IdempotencyLayer::new(b.store.clone()).lock_ttl(lease),
+        IdempotencyLayer::new(b.store.clone()).lease_ttl(lease),
         &counters,
     );
-    let survivor = app(IdempotencyLayer::new(b.store).lock_ttl(lease), &counters);
+    let survivor = app(IdempotencyLayer::new(b.store).lease_ttl(lease), &counters);
     let req = |sleep: &str| {
         Request::post("/echo")
             .header("idempotency-key", "orphan")
@@ -857,7 +857,7 @@ async fn huge_ttls_are_clamped_not_fatal<St: IdempotencyStore>(b: Backend<St>) {
     let counters = Counters::default();
     let layer = IdempotencyLayer::new(b.store)
         .record_ttl(Duration::MAX)
-        .lock_ttl(Duration::MAX);
+        .lease_ttl(Duration::MAX);
     let app = app(layer, &counters);
     let first = send(&app, post_req("/echo", Some("forever"), "f")).await;
     assert_eq!(first.status, StatusCode::CREATED);

@@ -37,7 +37,7 @@ async fn outcomes_timings_renewals_and_cache_hits_are_counted() {
     };
     let app = Router::new().route("/m", post(handler)).route_layer(
         IdempotencyLayer::new(MemoryStore::new())
-            .lock_ttl(Duration::from_millis(90))
+            .lease_ttl(Duration::from_millis(90))
             .local_cache(LocalCache::new(10, 1 << 20)),
     );
     let send = |key: Option<&str>, body: &'static str| {

@@ -48,7 +48,7 @@ async fn a_stalled_attempt_cannot_commit_after_a_takeover() {
     let (store, _schema, table) = transactional("tx-takeover").await;
     let stalled = Stub::new(store.clone()).with(Op::Renew, Fault::Fail);
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    let layer = IdempotencyLayer::new(stalled).lock_ttl(Duration::from_millis(300));
+    let layer = IdempotencyLayer::new(stalled).lease_ttl(Duration::from_millis(300));
     let app = orders_app(layer, Some(gate.clone()), table.clone());
 
     let first = tokio::spawn({

@@ -372,7 +372,7 @@ type ByKey = HashMap<Box<[u8]>, Stored, foldhash::fast::RandomState>;
 /// An entry of 5m's map: claimed (with its lease's end) or answered (with its expiry).
 enum Stored {
     Running(Instant),
-    Done(Bytes, Instant),
+    Completed(Bytes, Instant),
 }
 
 /// 5m: the least an in-process first delivery does, by hand, as 5a is for Redis: one map
@@ -392,7 +392,7 @@ async fn baseline_memory(State(st): State<MemoryBaseline>, request: Request) -> 
         let mut map = st.map.lock().expect("not poisoned");
         match map.get(key) {
             Some(Stored::Running(_)) => return StatusCode::CONFLICT.into_response(),
-            Some(Stored::Done(body, _)) => return respond(StatusCode::CREATED, body.clone()),
+            Some(Stored::Completed(body, _)) => return respond(StatusCode::CREATED, body.clone()),
             None => {
                 let lease = Instant::now() + Duration::from_millis(LEASE_MS);
                 map.insert(key.into(), Stored::Running(lease));
@@ -402,7 +402,7 @@ async fn baseline_memory(State(st): State<MemoryBaseline>, request: Request) -> 
     let response = st.response.clone();
     let expires = Instant::now() + Duration::from_millis(RECORD_TTL_MS);
     if let Some(entry) = st.map.lock().expect("not poisoned").get_mut(key) {
-        *entry = Stored::Done(response.clone(), expires);
+        *entry = Stored::Completed(response.clone(), expires);
     }
     respond(StatusCode::CREATED, response)
 }

@@ -27,7 +27,7 @@ pub(crate) struct Config {
     pub(crate) work: Duration,
     pub(crate) hold: Duration,
     pub(crate) key_ttl: Duration,
-    pub(crate) lock_ttl: Duration,
+    pub(crate) lease_ttl: Duration,
 }
 
 impl Config {
@@ -57,7 +57,7 @@ impl Config {
             _ => u64::MAX,
         };
         let key_ttl = Duration::from_secs(number("KEY_TTL_SECS", 86_400, 1, MAX_TTL.as_secs())?);
-        let lock_ttl = Duration::from_millis(number(
+        let lease_ttl = Duration::from_millis(number(
             "LOCK_TTL_MS",
             30_000,
             1,
@@ -70,7 +70,7 @@ impl Config {
             work: Duration::from_millis(number("WORK_MS", 0, 0, u64::MAX)?),
             hold: Duration::from_millis(number("HOLD_MS", 0, 0, u64::MAX)?),
             key_ttl,
-            lock_ttl,
+            lease_ttl,
         })
     }
 }

@@ -388,7 +388,7 @@ async fn main() -> ExitCode {
         work_ms = config.work.as_millis() as u64,
         hold_ms = config.hold.as_millis() as u64,
         key_ttl_secs = config.key_ttl.as_secs(),
-        lock_ttl_ms = config.lock_ttl.as_millis() as u64,
+        lease_ttl_ms = config.lease_ttl.as_millis() as u64,
         "ready"
     );
     #[allow(clippy::print_stdout)]
@@ -473,5 +473,5 @@ async fn start(config: &Config) -> Result<(Router, DetachedWork), StartError> {
 }
 
 fn configure<St>(layer: IdempotencyLayer<St>, config: &Config) -> IdempotencyLayer<St> {
-    layer.record_ttl(config.key_ttl).lock_ttl(config.lock_ttl)
+    layer.record_ttl(config.key_ttl).lease_ttl(config.lease_ttl)
 }

@@ -1,7 +1,7 @@
 //! The service: which requests the layer protects, and the future it answers with.
 //!
 //! The protected path itself (claim, run, complete or release, replay) is in `flow.rs`; the store
-//! calls it makes, each within the store timeout, in `store_calls.rs`.
+//! calls it makes, each within the store timeout, in `store_calls/`.
 
 mod detach;
 mod flow;

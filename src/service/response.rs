@@ -15,9 +15,8 @@ pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 const REPLAYED_NAME: HeaderName = HeaderName::from_static(IDEMPOTENT_REPLAYED);
 
 /// The record to store for a response, and whether it took the response's headers (`parts`
-/// is left without them, to be given back by [`give_back_headers`] once the store has the
-/// record): when every header is stored as it is, the usual case, they are moved rather than
-/// copied.
+/// is left without them, and `Ctx::complete` gives them back once the store has the record):
+/// when every header is stored as it is, the usual case, they are moved rather than copied.
 pub(super) fn record_of(
     config: &Config,
     fingerprint: Fingerprint,

@@ -110,7 +110,7 @@ pub enum Claim<T> {
     InFlight {
         /// Fingerprint of the request that holds it.
         fingerprint: Fingerprint,
-        /// Time left on its lease (an upper bound on how long until the key is free or done).
+        /// Time left on its lease (an upper bound on how long until the key is free or completed).
         retry_after: Duration,
     },
     /// The key completed; here is the record to replay.

@@ -28,9 +28,9 @@ async fn keys_spread_over_the_shards() {
         } else {
             format!("key-{i}")
         };
-        let lock = Attempt::new(Fingerprint([0; 32]));
+        let attempt = Attempt::new(Fingerprint([0; 32]));
         store
-            .claim(&key, &lock, Duration::from_secs(30))
+            .claim(&key, &attempt, Duration::from_secs(30))
             .await
             .unwrap();
     }
@@ -55,8 +55,8 @@ async fn expired_entries_are_swept() {
         _ => format!("{:032x}", (i as u128) << 8 | u128::from(tag.as_bytes()[0])),
     };
     for i in 0..100 {
-        let lock = Attempt::new(Fingerprint([0; 32]));
-        store.claim(&key("k", i), &lock, lease).await.unwrap();
+        let attempt = Attempt::new(Fingerprint([0; 32]));
+        store.claim(&key("k", i), &attempt, lease).await.unwrap();
     }
     assert_eq!(store.len(), 100);
     assert_eq!(store.digests(), 50);
@@ -67,8 +67,8 @@ async fn expired_entries_are_swept() {
     // fewer than 8 is below 10^-20).
     let claims = 5_000;
     for i in 0..claims {
-        let lock = Attempt::new(Fingerprint([0; 32]));
-        store.claim(&key("n", i), &lock, lease).await.unwrap();
+        let attempt = Attempt::new(Fingerprint([0; 32]));
+        store.claim(&key("n", i), &attempt, lease).await.unwrap();
     }
     // The old 100 are gone; the new ones are all live.
     assert_eq!(store.len(), claims);
@@ -142,15 +142,15 @@ async fn digest_and_named_keys_do_not_collide() {
         "0000000000000000000000000000000abc",
     ];
     for key in keys {
-        let lock = Attempt::new(Fingerprint([1; 32]));
-        let claim = store.claim(key, &lock, lease).await.unwrap();
+        let attempt = Attempt::new(Fingerprint([1; 32]));
+        let claim = store.claim(key, &attempt, lease).await.unwrap();
         assert!(matches!(claim, Claim::Acquired(_)), "{key}: {claim:?}");
     }
     assert_eq!(store.len(), keys.len());
     assert_eq!(store.digests(), 1);
     for key in keys {
-        let lock = Attempt::new(Fingerprint([1; 32]));
-        let claim = store.claim(key, &lock, lease).await.unwrap();
+        let attempt = Attempt::new(Fingerprint([1; 32]));
+        let claim = store.claim(key, &attempt, lease).await.unwrap();
         assert!(matches!(claim, Claim::InFlight { .. }), "{key}: {claim:?}");
     }
 }
@@ -160,9 +160,9 @@ async fn digest_and_named_keys_do_not_collide() {
 async fn completed_records_round_trip() {
     let store = MemoryStore::new();
     let key = "0123456789abcdef0123456789abcdef";
-    let lock = Attempt::new(Fingerprint([2; 32]));
+    let attempt = Attempt::new(Fingerprint([2; 32]));
     store
-        .claim(key, &lock, Duration::from_secs(30))
+        .claim(key, &attempt, Duration::from_secs(30))
         .await
         .unwrap();
     let mut headers = http::HeaderMap::new();
@@ -177,7 +177,7 @@ async fn completed_records_round_trip() {
     .with_body(Bytes::from_static(b"done"));
     assert!(
         store
-            .complete(key, &lock, &record, Duration::from_secs(60))
+            .complete(key, &attempt, &record, Duration::from_secs(60))
             .await
             .unwrap()
             .applied()
@@ -221,14 +221,14 @@ fn record(body: &'static [u8]) -> CompletedRecord {
 }
 
 async fn claim(store: &MemoryStore, key: &str) -> (Attempt, Result<Claim<Attempt>, StoreError>) {
-    let lock = Attempt::new(Fingerprint([0; 32]));
-    let claim = store.claim(key, &lock, LEASE).await;
-    (lock, claim)
+    let attempt = Attempt::new(Fingerprint([0; 32]));
+    let claim = store.claim(key, &attempt, LEASE).await;
+    (attempt, claim)
 }
 
 async fn acquire(store: &MemoryStore, key: &str) -> Attempt {
     match claim(store, key).await {
-        (lock, Ok(Claim::Acquired(_))) => lock,
+        (attempt, Ok(Claim::Acquired(_))) => attempt,
         (_, other) => panic!("{key}: {other:?}"),
     }
 }
@@ -243,9 +243,9 @@ async fn assert_full(store: &MemoryStore, key: &str) {
 #[tokio::test(start_paused = true)]
 async fn a_full_store_refuses_new_keys_and_answers_held_ones() {
     let store = MemoryStore::new().max_entries(4);
-    let mut locks = Vec::new();
+    let mut attempts = Vec::new();
     for i in 0..4 {
-        locks.push(acquire(&store, &format!("k{i}")).await);
+        attempts.push(acquire(&store, &format!("k{i}")).await);
     }
     assert_full(&store, "k4").await;
     assert_eq!(store.len(), 4);
@@ -254,17 +254,17 @@ async fn a_full_store_refuses_new_keys_and_answers_held_ones() {
         claim(&store, "k0").await.1,
         Ok(Claim::InFlight { .. })
     ));
-    let done = record(b"done");
+    let completed = record(b"done");
     assert!(
         store
-            .complete("k1", &locks[1], &done, TTL)
+            .complete("k1", &attempts[1], &completed, TTL)
             .await
             .unwrap()
             .applied()
     );
-    assert!(matches!(claim(&store, "k1").await.1, Ok(Claim::Completed(r)) if r == done));
+    assert!(matches!(claim(&store, "k1").await.1, Ok(Claim::Completed(r)) if r == completed));
     // A release makes room for one new key.
-    assert!(store.release("k2", &locks[2]).await.unwrap().applied());
+    assert!(store.release("k2", &attempts[2]).await.unwrap().applied());
     acquire(&store, "k4").await;
     assert_full(&store, "k5").await;
     assert_counted(&store);
@@ -284,10 +284,10 @@ async fn the_byte_bound_refuses_new_keys_but_stores_every_record() {
     let size = record.encode().len();
     let store = MemoryStore::new().max_bytes(2 * size + RUNNING_BYTES);
     for key in ["a", "b"] {
-        let lock = acquire(&store, key).await;
+        let attempt = acquire(&store, key).await;
         assert!(
             store
-                .complete(key, &lock, &record, TTL)
+                .complete(key, &attempt, &record, TTL)
                 .await
                 .unwrap()
                 .applied()
@@ -329,36 +329,42 @@ async fn counts_follow_every_change() {
         0 => format!("{i:032x}"),
         _ => format!("key-{i}"),
     };
-    let done = record(b"done");
+    let completed = record(b"done");
     for round in 0..3 {
         let base = round * 1000;
-        let mut locks = Vec::new();
+        let mut attempts = Vec::new();
         for i in 0..bound {
-            locks.push(acquire(&store, &key(base + i)).await);
+            attempts.push(acquire(&store, &key(base + i)).await);
         }
         assert_full(&store, &key(base + bound)).await;
         assert_counted(&store);
-        for (i, lock) in locks.iter().enumerate() {
+        for (i, attempt) in attempts.iter().enumerate() {
             assert!(
                 store
-                    .renew(&key(base + i), &mut lock.clone(), LEASE)
+                    .renew(&key(base + i), &mut attempt.clone(), LEASE)
                     .await
                     .unwrap()
                     .applied()
             );
         }
         // Half completed, half released.
-        for (i, lock) in locks.iter().enumerate() {
+        for (i, attempt) in attempts.iter().enumerate() {
             if i % 2 == 0 {
                 assert!(
                     store
-                        .complete(&key(base + i), lock, &done, TTL)
+                        .complete(&key(base + i), attempt, &completed, TTL)
                         .await
                         .unwrap()
                         .applied()
                 );
             } else {
-                assert!(store.release(&key(base + i), lock).await.unwrap().applied());
+                assert!(
+                    store
+                        .release(&key(base + i), attempt)
+                        .await
+                        .unwrap()
+                        .applied()
+                );
             }
         }
         assert_eq!(store.len(), bound / 2);
@@ -369,14 +375,20 @@ async fn counts_follow_every_change() {
         }
         assert_full(&store, &key(base + 2 * bound)).await;
         tokio::time::advance(LEASE + Duration::from_secs(1)).await;
-        let mut locks = Vec::new();
+        let mut attempts = Vec::new();
         for i in bound..bound + bound / 2 {
-            locks.push(acquire(&store, &key(base + i)).await);
+            attempts.push(acquire(&store, &key(base + i)).await);
         }
         assert_eq!(store.len(), bound);
         assert_counted(&store);
-        for (i, lock) in (bound..).zip(&locks) {
-            assert!(store.release(&key(base + i), lock).await.unwrap().applied());
+        for (i, attempt) in (bound..).zip(&attempts) {
+            assert!(
+                store
+                    .release(&key(base + i), attempt)
+                    .await
+                    .unwrap()
+                    .applied()
+            );
         }
         // The completed records expire and are swept as the store fills up.
         tokio::time::advance(TTL).await;

@@ -1,7 +1,5 @@
-//! Stored records: the completed response that is replayed, and its compact binary encoding.
-//!
-//! The encoding is versioned (first byte) and self-describing enough that a corrupted or foreign
-//! value is detected and refused instead of replayed.
+//! The binary form of a record, versioned (first byte) and self-describing enough that a
+//! corrupted or foreign value is detected and refused instead of replayed.
 //!
 //! ```text
 //! running:   [version][b'R'][owner: 16][fingerprint: 32][lease deadline, unix ms: u64 LE]
@@ -13,94 +11,27 @@
 //!
 //! A varint is LEB128: 7 bits a byte, low bits first, the high bit set on every byte but the
 //! last. Lengths under 128 take one byte, which keeps a small record in a smaller allocation
-//! class of Redis' allocator.
-//!
-//! ```text
-//! ```
+//! class of Redis' allocator. The running record is the Redis store's own (`running.rs`).
 
 use std::fmt;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use crate::clock::{from_unix_ms, unix_ms_of};
+use super::CompletedRecord;
+use crate::clock::from_unix_ms;
 use crate::fingerprint::Fingerprint;
 use crate::varint::{put_varint, varint_len};
 
 /// The encoding version written by this crate.
-pub(crate) const VERSION: u8 = 1;
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
-pub(crate) const RUNNING: u8 = b'R';
-pub(crate) const DONE: u8 = b'D';
+pub(super) const VERSION: u8 = 1;
+/// The tag of a completed record (the second byte; `D` for the name the state once had).
+pub(super) const COMPLETED: u8 = b'D';
 const FLAG_BODY_OMITTED: u8 = 1;
 /// A header count from this value up is written as this value and a varint.
 const COUNT_ESCAPE: usize = u16::MAX as usize;
 
-/// A completed request as the store keeps it: the fingerprint of the request that produced it
-/// and the response to replay.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct CompletedRecord {
-    /// Fingerprint of the request that ran.
-    pub fingerprint: Fingerprint,
-    /// Status of the original response.
-    pub status: StatusCode,
-    /// Headers of the original response, hop-by-hop and excluded headers removed. The stores
-    /// keep records encoded, which does not carry a value's
-    /// [`is_sensitive`](HeaderValue::is_sensitive) flag (HTTP/2's never-indexed hint): a replay
-    /// from the store has it unset.
-    pub headers: HeaderMap,
-    /// Body of the original response (empty when [`body_omitted`](Self::body_omitted)).
-    pub body: Bytes,
-    /// The original body was larger than the layer's response limit and was not stored: the
-    /// replay carries the original status and headers with an empty body.
-    pub body_omitted: bool,
-    /// When the record expires (to the millisecond). Set by the layer when it completes a
-    /// request; a store must keep it with the record, since the local cache bounds how long it
-    /// keeps a record by it.
-    pub expires_at: SystemTime,
-}
-
 impl CompletedRecord {
-    /// A record of a response with `status`, no headers and an empty body, expiring at
-    /// `expires_at` (kept to the millisecond).
-    pub fn new(fingerprint: Fingerprint, status: StatusCode, expires_at: SystemTime) -> Self {
-        Self {
-            fingerprint,
-            status,
-            headers: HeaderMap::new(),
-            body: Bytes::new(),
-            body_omitted: false,
-            expires_at: from_unix_ms(unix_ms_of(expires_at)),
-        }
-    }
-
-    /// Sets the headers.
-    pub fn with_headers(mut self, headers: HeaderMap) -> Self {
-        self.headers = headers;
-        self
-    }
-
-    /// Sets the body.
-    pub fn with_body(mut self, body: Bytes) -> Self {
-        self.body = body;
-        self
-    }
-
-    /// Marks the body as not stored (it was over the response limit): the body is emptied and
-    /// [`body_omitted`](Self::body_omitted) set.
-    pub fn with_body_omitted(mut self) -> Self {
-        self.body = Bytes::new();
-        self.body_omitted = true;
-        self
-    }
-
-    /// [`expires_at`](Self::expires_at) in milliseconds since the Unix epoch.
-    pub(crate) fn expires_at_ms(&self) -> u64 {
-        unix_ms_of(self.expires_at)
-    }
-
     /// The size of [`encode`](Self::encode)'s output, without encoding.
     pub fn encoded_len(&self) -> usize {
         let headers: usize = self
@@ -122,7 +53,7 @@ impl CompletedRecord {
     /// Encodes the record in the crate's versioned binary format.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
-        out.extend_from_slice(&[VERSION, DONE]);
+        out.extend_from_slice(&[VERSION, COMPLETED]);
         out.extend_from_slice(self.fingerprint.as_bytes());
         out.push(if self.body_omitted {
             FLAG_BODY_OMITTED
@@ -158,7 +89,7 @@ impl CompletedRecord {
             buf: &bytes,
             pos: 0,
         };
-        r.header(DONE)?;
+        r.header(COMPLETED)?;
         let fingerprint = Fingerprint(r.array()?);
         let flags = r.u8()?;
         if flags & !FLAG_BODY_OMITTED != 0 {
@@ -210,85 +141,9 @@ impl CompletedRecord {
     }
 }
 
-// The running record and `Stored` are only used by stores that keep encoded bytes (Redis).
-#[cfg(feature = "redis")]
-mod running {
-    use super::*;
-
-    /// A running claim as the Redis store encodes it.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub(crate) struct RunningRecord {
-        pub(crate) owner: [u8; 16],
-        pub(crate) fingerprint: Fingerprint,
-        /// When the lease lapses, in milliseconds since the Unix epoch (the owner's clock).
-        pub(crate) deadline_ms: u64,
-    }
-
-    /// The length of the prefix that identifies a running record's owner: version, tag, owner.
-    pub(crate) const OWNER_PREFIX_LEN: usize = 18;
-
-    impl RunningRecord {
-        pub(crate) const LEN: usize = OWNER_PREFIX_LEN + 32 + 8;
-
-        pub(crate) fn owner_prefix(owner: &[u8; 16]) -> [u8; OWNER_PREFIX_LEN] {
-            let mut out = [0; OWNER_PREFIX_LEN];
-            out[0] = VERSION;
-            out[1] = RUNNING;
-            out[2..].copy_from_slice(owner);
-            out
-        }
-
-        pub(crate) fn encode(&self) -> [u8; Self::LEN] {
-            let mut out = [0; Self::LEN];
-            out[..OWNER_PREFIX_LEN].copy_from_slice(&Self::owner_prefix(&self.owner));
-            out[OWNER_PREFIX_LEN..OWNER_PREFIX_LEN + 32]
-                .copy_from_slice(self.fingerprint.as_bytes());
-            out[OWNER_PREFIX_LEN + 32..].copy_from_slice(&self.deadline_ms.to_le_bytes());
-            out
-        }
-
-        pub(crate) fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-            let mut r = Reader { buf: bytes, pos: 0 };
-            r.header(RUNNING)?;
-            let owner = r.array()?;
-            let fingerprint = Fingerprint(r.array()?);
-            let deadline_ms = u64::from_le_bytes(r.array()?);
-            if r.pos != bytes.len() {
-                return Err(DecodeError("trailing bytes after a running record"));
-            }
-            Ok(Self {
-                owner,
-                fingerprint,
-                deadline_ms,
-            })
-        }
-    }
-
-    /// Either kind of stored value, as read back from a store that keeps encoded bytes.
-    #[derive(Debug)]
-    pub(crate) enum Stored {
-        Running(RunningRecord),
-        Completed(CompletedRecord),
-    }
-
-    impl Stored {
-        pub(crate) fn decode(bytes: Bytes) -> Result<Self, DecodeError> {
-            match bytes.get(..2) {
-                Some([VERSION, RUNNING]) => RunningRecord::decode(&bytes).map(Self::Running),
-                Some([VERSION, DONE]) => CompletedRecord::decode(bytes).map(Self::Completed),
-                Some([VERSION, _]) => Err(DecodeError("unknown record kind")),
-                Some(_) => Err(DecodeError("unknown record version")),
-                None => Err(DecodeError("record too short")),
-            }
-        }
-    }
-}
-#[cfg(feature = "redis")]
-pub(crate) use running::{RunningRecord, Stored};
-
 /// A stored value that is not a record this crate wrote (corrupted, truncated, another version).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DecodeError(&'static str);
+pub struct DecodeError(pub(super) &'static str);
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -298,13 +153,14 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// Reads a record's fields in order, each checked against what is left.
+pub(super) struct Reader<'a> {
+    pub(super) buf: &'a [u8],
+    pub(super) pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self
             .pos
             .checked_add(n)
@@ -315,26 +171,26 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+    pub(super) fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         let mut out = [0; N];
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
 
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub(super) fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.array::<1>()?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, DecodeError> {
+    pub(super) fn u16(&mut self) -> Result<u16, DecodeError> {
         self.array().map(u16::from_le_bytes)
     }
 
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub(super) fn u64(&mut self) -> Result<u64, DecodeError> {
         self.array().map(u64::from_le_bytes)
     }
 
     /// A varint length, which must fit in what is left of the record.
-    fn len(&mut self) -> Result<usize, DecodeError> {
+    pub(super) fn len(&mut self) -> Result<usize, DecodeError> {
         let mut n: u64 = 0;
         for shift in (0..64).step_by(7) {
             let byte = self.u8()?;
@@ -349,7 +205,7 @@ impl<'a> Reader<'a> {
         Err(DecodeError("varint too long"))
     }
 
-    fn header(&mut self, kind: u8) -> Result<(), DecodeError> {
+    pub(super) fn header(&mut self, kind: u8) -> Result<(), DecodeError> {
         match self.array()? {
             [VERSION, k] if k == kind => Ok(()),
             [VERSION, _] => Err(DecodeError("unexpected record kind")),
@@ -359,11 +215,12 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use http::header;
 
-    fn sample() -> CompletedRecord {
+    /// A record with a repeated header and a small body.
+    pub(in crate::record) fn sample() -> CompletedRecord {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
@@ -408,37 +265,6 @@ mod tests {
         assert_eq!(back, rec);
         let multi: Vec<_> = back.headers.get_all("x-multi").iter().collect();
         assert_eq!(multi, ["one", "two"]);
-    }
-
-    #[cfg(feature = "redis")]
-    #[test]
-    fn running_round_trip() {
-        use super::running::OWNER_PREFIX_LEN;
-        let rec = RunningRecord {
-            owner: [3; 16],
-            fingerprint: Fingerprint([9; 32]),
-            deadline_ms: 1_700_000_000_123,
-        };
-        let bytes = rec.encode();
-        assert_eq!(
-            &bytes[..OWNER_PREFIX_LEN],
-            &RunningRecord::owner_prefix(&[3; 16])
-        );
-        assert_eq!(RunningRecord::decode(&bytes).unwrap(), rec);
-        match Stored::decode(Bytes::copy_from_slice(&bytes)).unwrap() {
-            Stored::Running(r) => assert_eq!(r, rec),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[cfg(feature = "redis")]
-    #[test]
-    fn every_truncation_is_an_error() {
-        let bytes = sample().encode();
-        for cut in 0..bytes.len() {
-            let res = Stored::decode(Bytes::copy_from_slice(&bytes[..cut]));
-            assert!(res.is_err(), "cut at {cut} decoded: {res:?}");
-        }
     }
 
     #[test]
@@ -516,30 +342,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[cfg(feature = "redis")]
-    #[test]
-    fn garbage_is_an_error() {
-        for garbage in [
-            &b""[..],
-            b"x",
-            b"hello world",
-            b"\x02D",
-            b"\x01Z0000",
-            b"\x01R",
-        ] {
-            assert!(
-                Stored::decode(Bytes::from_static(garbage)).is_err(),
-                "{garbage:?}"
-            );
-        }
-        let mut bytes = sample().encode();
-        bytes[34] = 0xff; // flags
-        assert!(Stored::decode(Bytes::from(bytes)).is_err());
-        let mut bytes = sample().encode();
-        bytes[43..45].copy_from_slice(&42u16.to_le_bytes()); // status 42
-        assert!(Stored::decode(Bytes::from(bytes)).is_err());
     }
 
     /// A map holds any number of values under its names: counts that do not fit the u16 field
