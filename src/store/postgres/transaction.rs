@@ -26,6 +26,47 @@ pub struct PgToken {
 ///
 /// With the `axum` feature it is an extractor; the request must come through the layer over a
 /// transactional `PgStore`, or the extractor answers `500`.
+///
+/// # Example
+///
+/// A webhook receiver whose stock change commits with its stored response: a crash before the
+/// commit leaves neither, and the sender's retry runs the handler once.
+///
+/// ```no_run
+/// use axum::{Router, http::StatusCode, routing::post};
+/// use tower_idempotency::{IdempotencyLayer, PgStore, PgTx};
+///
+/// async fn order_paid(tx: PgTx, body: String) -> Result<&'static str, StatusCode> {
+///     let sku = body.trim();
+///     let mut conn = tx.conn().await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+///     let changed = sqlx::query("UPDATE stock SET qty = qty - 1 WHERE sku = $1 AND qty > 0")
+///         .bind(sku)
+///         .execute(&mut *conn)
+///         .await
+///         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+///     // A 4xx is stored and replayed like a 2xx; a 5xx rolls back and releases the key.
+///     match changed.rows_affected() {
+///         1 => Ok("applied"),
+///         _ => Err(StatusCode::UNPROCESSABLE_ENTITY),
+///     }
+/// }
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+///     sqlx::query("CREATE TABLE IF NOT EXISTS stock (sku text PRIMARY KEY, qty bigint NOT NULL)")
+///         .execute(&pool)
+///         .await?;
+///     let store = PgStore::new(pool).transactional(true);
+///     store.migrate().await?;
+///     let app = Router::new()
+///         .route("/webhooks/order-paid", post(order_paid))
+///         .route_layer(IdempotencyLayer::new(store));
+///     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+///     axum::serve(listener, app).await?;
+///     Ok(())
+/// }
+/// ```
 #[derive(Clone, Debug)]
 pub struct PgTx(pub(super) SharedTx);
 
