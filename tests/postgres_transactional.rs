@@ -90,6 +90,29 @@ async fn a_failed_commit_answers_503_and_the_retry_runs_once() {
     assert_eq!(orders(&store, &table).await, ["y"]);
 }
 
+/// A commit that happened but whose answer was lost: the client gets `503 CommitFailed`, the
+/// layer's release finds the key completed and leaves it, and the retry replays the committed
+/// answer without running the handler again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_was_lost_is_replayed_by_the_retry() {
+    use common::stub::{Fault, Op, Stub};
+    let (store, _schema, table) = transactional("tx-lost-answer").await;
+    let stub = Stub::new(store.clone()).with(Op::Complete, Fault::LoseAnswer);
+    let app = orders_app(IdempotencyLayer::new(stub.clone()), None, table.clone());
+    let (status, _, body) = answer(&app, pay_with("k", "w", &[])).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("CommitFailed"), "{body}");
+    assert_eq!(orders(&store, &table).await, ["w"], "the commit happened");
+    let retry = answer(&app, pay_with("k", "w", &[])).await;
+    assert_eq!(retry, (StatusCode::OK, true, "paid w".into()));
+    assert_eq!(orders(&store, &table).await, ["w"], "and only once");
+    assert_eq!(
+        stub.calls(Op::Complete),
+        1,
+        "a transactional complete is not repeated"
+    );
+}
+
 /// `PgTx` without a transactional store behind the layer: the extractor answers `500`, and no
 /// claim is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,9 @@ pub enum Fault {
     Hang,
     /// Panics.
     Panic,
+    /// Reaches the store, then fails as if the answer were lost on the way back: the
+    /// operation applied, and the caller cannot know.
+    LoseAnswer,
 }
 
 #[derive(Default)]
@@ -127,6 +130,12 @@ async fn faulty<T>(
         Some(Fault::Fail) => Err(StoreError::backend("connection refused")),
         Some(Fault::Hang) => std::future::pending().await,
         Some(Fault::Panic) => panic!("the store fails"),
+        Some(Fault::LoseAnswer) => {
+            let _ = op.await;
+            Err(StoreError::backend(
+                "connection reset after the request was sent",
+            ))
+        }
     }
 }
 
