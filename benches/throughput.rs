@@ -726,6 +726,23 @@ fn print_redis_costs(totals: &BTreeMap<Variant, Totals>) {
     }
 }
 
+/// `n` first deliveries to `addr`, one after another on one connection (keys `prefix-0`, ...).
+async fn first_deliveries(addr: SocketAddr, prefix: &str, n: usize) {
+    let mut senders = connect(addr, 1).await;
+    let sender = &mut senders[0];
+    for i in 0..n {
+        let req = hyper::Request::post("/pay")
+            .header(header::HOST, "bench")
+            .header(KEY_HEADER, format!("{prefix}-{i}"))
+            .body(Full::new(Bytes::from_static(REQUEST_BODY)))
+            .expect("request");
+        sender.ready().await.expect("connection");
+        let resp = sender.send_request(req).await.expect("response");
+        assert!(resp.status().is_success(), "status {}", resp.status());
+        resp.into_body().collect().await.expect("body");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Memory per stored record
 
@@ -756,21 +773,7 @@ fn memory_per_record(bench: &mut Bench) {
         // Through the layer.
         flushall(&mut bench.stats);
         let before = info_f64(&mut bench.stats, "memory", "used_memory");
-        bench.client.block_on(async {
-            let mut senders = connect(addr, 1).await;
-            let sender = &mut senders[0];
-            for i in 0..n {
-                let req = hyper::Request::post("/pay")
-                    .header(header::HOST, "bench")
-                    .header(KEY_HEADER, format!("mem-{i}"))
-                    .body(Full::new(Bytes::from_static(REQUEST_BODY)))
-                    .expect("request");
-                sender.ready().await.expect("connection");
-                let resp = sender.send_request(req).await.expect("response");
-                assert!(resp.status().is_success(), "status {}", resp.status());
-                resp.into_body().collect().await.expect("body");
-            }
-        });
+        bench.client.block_on(first_deliveries(addr, "mem", n));
         let after = info_f64(&mut bench.stats, "memory", "used_memory");
         let dbsize: u64 = redis::cmd("DBSIZE")
             .query(&mut bench.stats)
@@ -846,19 +849,7 @@ async fn postgres_extras(pg: &PgBench, response: &Bytes) {
     let n = 5000;
     for variant in [Variant::PgFirst, Variant::BaselinePg] {
         let addr = serve(postgres::router_for(variant, pg, response.clone())).await;
-        let mut senders = connect(addr, 1).await;
-        let sender = &mut senders[0];
-        for i in 0..n {
-            let req = hyper::Request::post("/pay")
-                .header(header::HOST, "bench")
-                .header(KEY_HEADER, format!("size-{i}"))
-                .body(Full::new(Bytes::from_static(REQUEST_BODY)))
-                .expect("request");
-            sender.ready().await.expect("connection");
-            let resp = sender.send_request(req).await.expect("response");
-            assert!(resp.status().is_success(), "status {}", resp.status());
-            resp.into_body().collect().await.expect("body");
-        }
+        first_deliveries(addr, "size", n).await;
     }
     for (label, table) in [
         ("layer (idempotency_keys)", "idempotency_keys"),
