@@ -2,7 +2,7 @@
 //! `{"error": {...}}` with the status and `Stripe-Should-Retry` those SDKs act on.
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 
 use super::problem::push_json_string;
 use super::{Rejection, RejectionKind};
@@ -110,18 +110,12 @@ impl Rejection {
         body.push_str(",\"message\":");
         push_json_string(&mut body, &self.detail);
         body.push_str("}}");
-        let mut response = Response::new(Bytes::from(body));
-        *response.status_mut() = stripe.status;
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Some(value) = self.retry_after_header() {
-            headers.insert(header::RETRY_AFTER, value);
-        }
+        let mut response = self.response(stripe.status, "application/json", body);
         let should_retry = if stripe.should_retry { "true" } else { "false" };
-        headers.insert(STRIPE_SHOULD_RETRY, HeaderValue::from_static(should_retry));
+        let should_retry = HeaderValue::from_static(should_retry);
+        response
+            .headers_mut()
+            .insert(STRIPE_SHOULD_RETRY, should_retry);
         response
     }
 }
@@ -129,6 +123,8 @@ impl Rejection {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use http::header;
 
     use super::*;
     use crate::key::KeyError;
