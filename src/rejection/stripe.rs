@@ -96,6 +96,8 @@ impl Rejection {
     /// | [`StoreUnavailable`](RejectionKind::StoreUnavailable) | `503` + `Retry-After` | `api_error` | | `true` |
     /// | [`CorruptRecord`](RejectionKind::CorruptRecord) | `500` | `api_error` | | `false` |
     /// | [`HandlerFailed`](RejectionKind::HandlerFailed) (the key was released) | `500` | `api_error` | | `true` |
+    /// | [`LeaseLost`](RejectionKind::LeaseLost) (the writes were rolled back) | `409` + `Retry-After` | `idempotency_error` | `idempotency_key_in_use` | `true` |
+    /// | [`CommitFailed`](RejectionKind::CommitFailed) (nothing happened, the key was released) | `503` + `Retry-After` | `api_error` | | `true` |
     pub fn to_stripe_response(&self) -> Response<Bytes> {
         let stripe = self.kind.stripe();
         let mut body = String::with_capacity(120 + self.detail.len());
@@ -205,6 +207,22 @@ mod tests {
                 "true",
                 None,
             ),
+            (
+                RejectionKind::LeaseLost,
+                409,
+                IDEMPOTENCY,
+                Some("idempotency_key_in_use"),
+                "true",
+                Some("1"),
+            ),
+            (
+                RejectionKind::CommitFailed,
+                503,
+                API_ERROR,
+                None,
+                "true",
+                Some("1"),
+            ),
         ];
         for (kind, status, error_type, code, should_retry, retry_after) in cases {
             // The rejections the layer makes, where it makes one of this kind.
@@ -212,6 +230,8 @@ mod tests {
                 RejectionKind::InFlight => Rejection::in_flight(Duration::from_millis(2500)),
                 RejectionKind::KeyReused => Rejection::key_reused(),
                 RejectionKind::StoreUnavailable => Rejection::store_unavailable(),
+                RejectionKind::LeaseLost => Rejection::lease_lost(),
+                RejectionKind::CommitFailed => Rejection::commit_failed(),
                 kind => Rejection::new(kind, "a \"quoted\" detail"),
             };
             let response = rejection.to_stripe_response();
