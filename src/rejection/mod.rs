@@ -11,7 +11,8 @@ use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
-use http::{HeaderValue, StatusCode};
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::key::KeyError;
 
@@ -204,6 +205,24 @@ impl Rejection {
     /// When to retry, for `409` and `503`.
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
+    }
+
+    /// A response with `status` and `body` of `content_type`, carrying `Retry-After` where the
+    /// rejection has one: what every rendering shares.
+    fn response(
+        &self,
+        status: StatusCode,
+        content_type: &'static str,
+        body: String,
+    ) -> Response<Bytes> {
+        let mut response = Response::new(Bytes::from(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        if let Some(value) = self.retry_after_header() {
+            headers.insert(header::RETRY_AFTER, value);
+        }
+        response
     }
 
     /// The `Retry-After` header value: whole seconds, rounded up, at least 1.

@@ -2,7 +2,7 @@
 //! `application/problem+json`, whose `type` links to the [`RejectionKind`] variant's docs.
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, header};
+use http::Response;
 
 use super::{Rejection, RejectionKind};
 
@@ -43,17 +43,7 @@ impl Rejection {
         body.push_str(",\"detail\":");
         push_json_string(&mut body, &self.detail);
         body.push('}');
-        let mut response = Response::new(Bytes::from(body));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(value) = self.retry_after_header() {
-            headers.insert(header::RETRY_AFTER, value);
-        }
-        response
+        self.response(status, "application/problem+json", body)
     }
 }
 
@@ -77,6 +67,8 @@ pub(super) fn push_json_string(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use http::header;
 
     use super::*;
     use crate::key::KeyError;

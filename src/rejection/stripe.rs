@@ -2,7 +2,7 @@
 //! `{"error": {...}}` with the status and `Stripe-Should-Retry` those SDKs act on.
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 
 use super::problem::push_json_string;
 use super::{Rejection, RejectionKind};
@@ -96,6 +96,8 @@ impl Rejection {
     /// | [`StoreUnavailable`](RejectionKind::StoreUnavailable) | `503` + `Retry-After` | `api_error` | | `true` |
     /// | [`CorruptRecord`](RejectionKind::CorruptRecord) | `500` | `api_error` | | `false` |
     /// | [`HandlerFailed`](RejectionKind::HandlerFailed) (the key was released) | `500` | `api_error` | | `true` |
+    /// | [`LeaseLost`](RejectionKind::LeaseLost) (the writes were rolled back) | `409` + `Retry-After` | `idempotency_error` | `idempotency_key_in_use` | `true` |
+    /// | [`CommitFailed`](RejectionKind::CommitFailed) (nothing happened, the key was released) | `503` + `Retry-After` | `api_error` | | `true` |
     pub fn to_stripe_response(&self) -> Response<Bytes> {
         let stripe = self.kind.stripe();
         let mut body = String::with_capacity(120 + self.detail.len());
@@ -110,18 +112,12 @@ impl Rejection {
         body.push_str(",\"message\":");
         push_json_string(&mut body, &self.detail);
         body.push_str("}}");
-        let mut response = Response::new(Bytes::from(body));
-        *response.status_mut() = stripe.status;
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Some(value) = self.retry_after_header() {
-            headers.insert(header::RETRY_AFTER, value);
-        }
+        let mut response = self.response(stripe.status, "application/json", body);
         let should_retry = if stripe.should_retry { "true" } else { "false" };
-        headers.insert(STRIPE_SHOULD_RETRY, HeaderValue::from_static(should_retry));
+        let should_retry = HeaderValue::from_static(should_retry);
+        response
+            .headers_mut()
+            .insert(STRIPE_SHOULD_RETRY, should_retry);
         response
     }
 }
@@ -129,6 +125,8 @@ impl Rejection {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use http::header;
 
     use super::*;
     use crate::key::KeyError;
@@ -209,6 +207,22 @@ mod tests {
                 "true",
                 None,
             ),
+            (
+                RejectionKind::LeaseLost,
+                409,
+                IDEMPOTENCY,
+                Some("idempotency_key_in_use"),
+                "true",
+                Some("1"),
+            ),
+            (
+                RejectionKind::CommitFailed,
+                503,
+                API_ERROR,
+                None,
+                "true",
+                Some("1"),
+            ),
         ];
         for (kind, status, error_type, code, should_retry, retry_after) in cases {
             // The rejections the layer makes, where it makes one of this kind.
@@ -216,6 +230,8 @@ mod tests {
                 RejectionKind::InFlight => Rejection::in_flight(Duration::from_millis(2500)),
                 RejectionKind::KeyReused => Rejection::key_reused(),
                 RejectionKind::StoreUnavailable => Rejection::store_unavailable(),
+                RejectionKind::LeaseLost => Rejection::lease_lost(),
+                RejectionKind::CommitFailed => Rejection::commit_failed(),
                 kind => Rejection::new(kind, "a \"quoted\" detail"),
             };
             let response = rejection.to_stripe_response();

@@ -85,7 +85,8 @@ impl<St: IdempotencyStore> Ctx<St> {
                     "could not commit the handler's writes with the response; nothing happened, \
                      the key is released"
                 );
-                self.release(attempt, watch).await;
+                // Boxed: rare, and its future would make every first delivery's future larger.
+                Box::pin(self.release(attempt, watch)).await;
                 return Err(Rejection::commit_failed());
             }
             Ok(Fenced::NotOwner) => {
