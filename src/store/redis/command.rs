@@ -119,8 +119,8 @@ pub(super) fn refuses_writes(err: &RedisError) -> bool {
 
 pub(super) fn millis(d: Duration) -> u64 {
     // Redis rejects a PX of 0 (a zero duration means "expire at once", i.e. 1 ms) and one that
-    // overflows its clock (capped at 100 years here).
-    const MAX_MS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
+    // overflows its clock (capped at the crate's largest TTL).
+    const MAX_MS: u64 = crate::config::MAX_TTL.as_millis() as u64;
     u64::try_from(d.as_millis())
         .unwrap_or(MAX_MS)
         .clamp(1, MAX_MS)
