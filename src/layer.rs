@@ -10,6 +10,7 @@ use tower_layer::Layer;
 
 use crate::config::{Config, MAX_TTL};
 use crate::detached::DetachedWork;
+use crate::fingerprint::FingerprintSpec;
 use crate::rejection::Rejection;
 use crate::service::Idempotency;
 use crate::source::KeySource;
@@ -79,6 +80,21 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
+    /// Refuses keys shorter than `len` characters with `400` (a
+    /// [`KeyError::TooShort`](crate::KeyError::TooShort)), before the store is touched.
+    ///
+    /// A key is a bearer secret for its stored response: whoever presents it (within its
+    /// scope) gets the replay. A short or guessable key lets another caller read your
+    /// responses; require random keys (a UUID has 36 characters) and scope keys by caller
+    /// with [`scope_with`](Self::scope_with). Keys read from a JSON body or by a function are
+    /// checked too.
+    ///
+    /// Defaults to 0: any key of 1 to 255 characters.
+    pub fn min_key_len(mut self, len: usize) -> Self {
+        self.config().min_key_len = len;
+        self
+    }
+
     /// Adds a fixed name to the scope of every key, so that layers with different namespaces
     /// never share keys even on the same route and store (two webhook providers, say).
     ///
@@ -143,6 +159,21 @@ impl<St> IdempotencyLayer<St> {
     /// Defaults to 1 MiB.
     pub fn max_request_body(mut self, bytes: usize) -> Self {
         self.config().max_request_body = bytes;
+        self
+    }
+
+    /// Sets what of a request the fingerprint covers: a retry whose fingerprint differs from
+    /// the original's is refused with `422`. See [`FingerprintSpec`] for the choices: the whole
+    /// request, the body only, selected JSON fields, all but some JSON fields, or a function.
+    ///
+    /// Records written under one spec do not match requests fingerprinted under another:
+    /// changing it makes the retries of requests already stored answer `422` until their
+    /// records expire.
+    ///
+    /// Defaults to [`FingerprintSpec::request`]: the method, the path and query, and the whole
+    /// body. The webhook presets keep it: their senders resend a delivery's body unchanged.
+    pub fn fingerprint_with(mut self, spec: FingerprintSpec) -> Self {
+        self.config().fingerprint = spec;
         self
     }
 

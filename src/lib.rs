@@ -198,6 +198,7 @@ mod rejection;
 mod service;
 mod source;
 pub mod store;
+mod store_policy;
 mod varint;
 
 /// The error type of bodies and store backends.
@@ -208,7 +209,7 @@ pub use cache::LocalCache;
 pub use detached::DetachedWork;
 #[cfg(feature = "axum")]
 pub use extract::MissingKeyExtension;
-pub use fingerprint::Fingerprint;
+pub use fingerprint::{Fingerprint, FingerprintSpec};
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
 pub use record::{CompletedRecord, DecodeError};
@@ -221,3 +222,4 @@ pub use store::postgres::{PgStore, PgToken, PgTx};
 #[cfg(feature = "redis")]
 pub use store::redis::{Fencing, RedisStore, RedisToken};
 pub use store::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
+pub use store_policy::StorePolicy;
