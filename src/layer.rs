@@ -80,14 +80,10 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// Refuses keys shorter than `len` characters with `400` (a
-    /// [`KeyError::TooShort`](crate::KeyError::TooShort)), before the store is touched.
-    ///
-    /// A key is a bearer secret for its stored response: whoever presents it (within its
-    /// scope) gets the replay. A short or guessable key lets another caller read your
-    /// responses; require random keys (a UUID has 36 characters) and scope keys by caller
-    /// with [`scope_with`](Self::scope_with). Keys read from a JSON body or by a function are
-    /// checked too.
+    /// Refuses keys (from any [`KeySource`]) shorter than `len` characters with `400`
+    /// ([`KeyError::TooShort`](crate::KeyError::TooShort)) before the store is touched. A key
+    /// is a bearer secret for its replays: a guessable one lets others read your responses
+    /// (see [Security](crate#security)). A UUID has 36 characters.
     ///
     /// Defaults to 0: any key of 1 to 255 characters.
     pub fn min_key_len(mut self, len: usize) -> Self {
@@ -162,16 +158,12 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
-    /// Sets what of a request the fingerprint covers: a retry whose fingerprint differs from
-    /// the original's is refused with `422`. See [`FingerprintSpec`] for the choices: the whole
-    /// request, the body only, selected JSON fields, all but some JSON fields, or a function.
+    /// Sets what of a request the fingerprint covers (a retry that differs in it gets `422`);
+    /// see [`FingerprintSpec`]. Changing it makes retries of requests already stored under the
+    /// old spec answer `422` until their records expire.
     ///
-    /// Records written under one spec do not match requests fingerprinted under another:
-    /// changing it makes the retries of requests already stored answer `422` until their
-    /// records expire.
-    ///
-    /// Defaults to [`FingerprintSpec::request`]: the method, the path and query, and the whole
-    /// body. The webhook presets keep it: their senders resend a delivery's body unchanged.
+    /// Defaults to [`FingerprintSpec::request`]: method, path and query, and the whole body
+    /// (the webhook presets keep it).
     pub fn fingerprint_with(mut self, spec: FingerprintSpec) -> Self {
         self.config().fingerprint = spec;
         self
