@@ -30,6 +30,7 @@ both_stores!(
     do_not_store_releases_the_key,
     explicit_full_is_the_default,
     in_flight_duplicates_get_409_then_what_the_policy_says,
+    waiting_duplicates_get_what_the_policy_says,
     a_policy_never_keeps_more_than_the_settings,
     the_policy_extension_is_removed_before_answering,
     short_keys_are_refused_and_leave_no_trace,
@@ -409,6 +410,47 @@ async fn in_flight_duplicates_get_409_then_what_the_policy_says<St: IdempotencyS
         }
     }
     assert_eq!(h.runs(), 5, "each case ran once, do-not-store twice");
+}
+
+/// In wait mode (the webhook presets' default), a duplicate that arrives while the handler runs
+/// waits, then gets what the policy kept; after `DoNotStore` it runs the handler itself.
+async fn waiting_duplicates_get_what_the_policy_says<St: IdempotencyStore>(b: Backend<St>) {
+    let h = Handler::default();
+    let layer =
+        IdempotencyLayer::new(b.store).wait_for_in_flight(std::time::Duration::from_secs(9));
+    let app = app(layer, &h);
+    for policy in ["processed-only", "do-not-store"] {
+        let key = format!("key-{policy}");
+        let runs = h.runs();
+        let first = tokio::spawn({
+            let app = app.clone();
+            let req = req(&key, "/p", "b", &[("x-policy", policy), ("x-wait", "1")]);
+            async move { send(&app, req).await }
+        });
+        h.entered.notified().await;
+        let duplicate = tokio::spawn({
+            let app = app.clone();
+            let req = req(&key, "/p", "b", &[("x-policy", policy)]);
+            async move { send(&app, req).await }
+        });
+        h.open();
+        assert_ran(&first.await.unwrap(), runs + 1);
+        let duplicate = duplicate.await.unwrap();
+        assert_eq!(
+            duplicate.status,
+            StatusCode::CREATED,
+            "{policy}: {}",
+            duplicate.text()
+        );
+        if policy == "do-not-store" {
+            assert!(!duplicate.replayed());
+            assert_eq!(duplicate.text(), format!("secret-{}", runs + 2));
+        } else {
+            assert!(duplicate.replayed());
+            assert!(duplicate.body.is_empty(), "{}", duplicate.text());
+        }
+    }
+    assert_eq!(h.runs(), 3);
 }
 
 async fn a_policy_never_keeps_more_than_the_settings<St: IdempotencyStore>(b: Backend<St>) {
