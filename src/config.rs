@@ -9,6 +9,7 @@ use http::{HeaderName, Response, StatusCode, header, request, response};
 use tokio::sync::Semaphore;
 
 use crate::detached::DetachedWork;
+use crate::fingerprint::FingerprintSpec;
 use crate::rejection::Rejection;
 use crate::source::KeySource;
 
@@ -26,6 +27,8 @@ type RejectionFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) key_source: KeySource,
+    pub(crate) fingerprint: FingerprintSpec,
+    pub(crate) min_key_len: usize,
     pub(crate) namespace: Option<Arc<str>>,
     pub(crate) require_key: bool,
     pub(crate) skip_safe_methods: bool,
@@ -51,6 +54,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             key_source: KeySource::default(),
+            fingerprint: FingerprintSpec::default(),
+            min_key_len: 0,
             namespace: None,
             require_key: true,
             skip_safe_methods: true,
@@ -78,6 +83,8 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("key_source", &self.key_source)
+            .field("fingerprint", &self.fingerprint)
+            .field("min_key_len", &self.min_key_len)
             .field("namespace", &self.namespace)
             .field("require_key", &self.require_key)
             .field("skip_safe_methods", &self.skip_safe_methods)

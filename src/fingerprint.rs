@@ -1,10 +1,17 @@
 //! The request fingerprint: a digest of what makes two requests "the same request".
 
+#[cfg(feature = "json")]
+mod json;
+mod spec;
+
 use http::{Method, Uri};
 
 use crate::varint::{MAX_VARINT, write_varint};
 
-/// A 256-bit BLAKE3 digest of a request's method, path and query, and body.
+pub use spec::FingerprintSpec;
+
+/// A 256-bit BLAKE3 digest of a request's method, path and query, and body (by default; see
+/// [`FingerprintSpec`] for narrower choices).
 ///
 /// Two requests with the same key but different fingerprints are a client error (`422`): the key
 /// was reused for a different operation. Headers are not part of the fingerprint, so a retry

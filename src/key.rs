@@ -159,6 +159,8 @@ pub enum KeyError {
     BodyNotJson,
     /// The JSON field holding the key is neither a string nor an integer.
     NotAString,
+    /// Shorter than the layer's [`min_key_len`](crate::IdempotencyLayer::min_key_len).
+    TooShort,
 }
 
 impl fmt::Display for KeyError {
@@ -178,6 +180,7 @@ impl fmt::Display for KeyError {
             Self::Conflicting => "two idempotency key headers carry different keys",
             Self::BodyNotJson => "the request body is not JSON, so it carries no idempotency key",
             Self::NotAString => "the idempotency key field is neither a string nor an integer",
+            Self::TooShort => "the idempotency key is shorter than this API requires",
         })
     }
 }

@@ -10,6 +10,7 @@ use tower_layer::Layer;
 
 use crate::config::{Config, MAX_TTL};
 use crate::detached::DetachedWork;
+use crate::fingerprint::FingerprintSpec;
 use crate::rejection::Rejection;
 use crate::service::Idempotency;
 use crate::source::KeySource;
@@ -79,6 +80,17 @@ impl<St> IdempotencyLayer<St> {
         self
     }
 
+    /// Refuses keys (from any [`KeySource`]) shorter than `len` characters with `400`
+    /// ([`KeyError::TooShort`](crate::KeyError::TooShort)) before the store is touched. A key
+    /// is a bearer secret for its replays: a guessable one lets others read your responses
+    /// (see [Security](crate#security)). A UUID has 36 characters.
+    ///
+    /// Defaults to 0: any key of 1 to 255 characters.
+    pub fn min_key_len(mut self, len: usize) -> Self {
+        self.config().min_key_len = len;
+        self
+    }
+
     /// Adds a fixed name to the scope of every key, so that layers with different namespaces
     /// never share keys even on the same route and store (two webhook providers, say).
     ///
@@ -143,6 +155,17 @@ impl<St> IdempotencyLayer<St> {
     /// Defaults to 1 MiB.
     pub fn max_request_body(mut self, bytes: usize) -> Self {
         self.config().max_request_body = bytes;
+        self
+    }
+
+    /// Sets what of a request the fingerprint covers (a retry that differs in it gets `422`);
+    /// see [`FingerprintSpec`]. Changing it makes retries of requests already stored under the
+    /// old spec answer `422` until their records expire.
+    ///
+    /// Defaults to [`FingerprintSpec::request`]: method, path and query, and the whole body
+    /// (the webhook presets keep it).
+    pub fn fingerprint_with(mut self, spec: FingerprintSpec) -> Self {
+        self.config().fingerprint = spec;
         self
     }
 

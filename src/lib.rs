@@ -39,11 +39,13 @@
 //! | safe method (`GET`, `HEAD`, `OPTIONS`, `TRACE`) | passed through untouched |
 //! | no key | `400` (or passed through with [`require_key(false)`](IdempotencyLayer::require_key)) |
 //! | malformed key, header repeated, two key headers disagree | `400` |
+//! | key shorter than [`min_key_len`](IdempotencyLayer::min_key_len) (off by default) | `400`, store not touched |
 //! | body over [`max_request_body`](IdempotencyLayer::max_request_body) | `413` |
 //! | first request with a key | handler runs once; response stored if status < 500 |
 //! | same key, same request, completed | stored status, headers and body, plus `Idempotent-Replayed: true` |
 //! | same key, same request, still running | `409` with `Retry-After` (remaining lease) |
-//! | same key, different method, path, query or body | `422` |
+//! | same key, different method, path, query or body ([configurable](IdempotencyLayer::fingerprint_with)) | `422` |
+//! | response carrying a [`StorePolicy`] | first caller gets it whole; a replay gets what the policy kept |
 //! | store unreachable or slower than [`store_timeout`](IdempotencyLayer::store_timeout), or a new key and a full [`MemoryStore`] | `503` with `Retry-After` (or run unprotected with [`fail_open`](IdempotencyLayer::fail_open)) |
 //! | stored record unreadable | `500`, handler not run |
 //! | handler panics | `500`, key released so a retry runs again |
@@ -61,6 +63,15 @@
 //! (`"abc"`): 1 to 255 characters of visible ASCII. Keys are scoped by route (axum 0.8's
 //! matched route with [`Router::route_layer`](https://docs.rs/axum/0.8/axum/struct.Router.html#method.route_layer),
 //! else the path; see [Supported versions](#supported-versions)) and optionally by caller ([`scope_with`](IdempotencyLayer::scope_with)).
+//!
+//! # Security
+//!
+//! An idempotency key is a bearer secret for its replays: whoever presents it, within its scope,
+//! gets the stored response. Scope keys by caller with
+//! [`scope_with`](IdempotencyLayer::scope_with), refuse short keys with
+//! [`min_key_len`](IdempotencyLayer::min_key_len) (a low-entropy key lets others read your
+//! responses, as `draft-ietf-httpapi-idempotency-key-header` warns), and let a handler whose
+//! answer holds a one-time secret keep less of it with [`StorePolicy`].
 //!
 //! # Webhooks
 //!
@@ -198,6 +209,7 @@ mod rejection;
 mod service;
 mod source;
 pub mod store;
+mod store_policy;
 mod varint;
 
 /// The error type of bodies and store backends.
@@ -208,7 +220,7 @@ pub use cache::LocalCache;
 pub use detached::DetachedWork;
 #[cfg(feature = "axum")]
 pub use extract::MissingKeyExtension;
-pub use fingerprint::Fingerprint;
+pub use fingerprint::{Fingerprint, FingerprintSpec};
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
 pub use record::{CompletedRecord, DecodeError};
@@ -221,3 +233,4 @@ pub use store::postgres::{PgStore, PgToken, PgTx};
 #[cfg(feature = "redis")]
 pub use store::redis::{Fencing, RedisStore, RedisToken};
 pub use store::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
+pub use store_policy::StorePolicy;

@@ -6,6 +6,10 @@
 //! in-flight duplicate instead of answering `409` (which the sender would only retry), and adds
 //! the sender's name to the scope so two senders' ids never collide.
 //!
+//! Presets keep the default fingerprint (method, path, query, whole body): these senders resend
+//! a delivery's body unchanged, and what varies between attempts (signature timestamps) is in
+//! headers, which the fingerprint never covers.
+//!
 //! Verify the sender's signature **before** this layer (place the verifying layer outside it),
 //! so that unsigned requests cannot claim keys; see the `webhook_signature` example.
 

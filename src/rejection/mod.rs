@@ -123,6 +123,16 @@ impl Rejection {
         Self::new(RejectionKind::InvalidKey(err), err.to_string())
     }
 
+    /// `400`: the key is shorter than `min` characters.
+    pub(crate) fn key_too_short(min: usize) -> Self {
+        Self::new(
+            RejectionKind::InvalidKey(KeyError::TooShort),
+            format!(
+                "the idempotency key is shorter than {min} characters; send a random key, such as a UUID"
+            ),
+        )
+    }
+
     /// `413`: the body is larger than `limit` bytes.
     pub(crate) fn too_large(limit: usize) -> Self {
         Self::new(

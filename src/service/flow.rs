@@ -22,13 +22,13 @@ use super::trace::{Outcome, debug_clock, debug_on, record_outcome, rejected, sin
 use super::{KeyDecision, Shared};
 use crate::BoxError;
 use crate::body::{ReadError, read_to_bytes};
-use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
 use crate::metrics::{self, Stopwatch};
 #[cfg(feature = "cache")]
 use crate::record::CompletedRecord;
 use crate::rejection::Rejection;
 use crate::store::{Attempt, Claim, IdempotencyStore, StoreError};
+use crate::store_policy::StorePolicy;
 
 /// The protected path: buffer and fingerprint the body, claim, then run, replay or refuse.
 #[allow(
@@ -90,7 +90,7 @@ where
             route,
             shared: shared.clone(),
         };
-        let fingerprint = Fingerprint::of(&parts.method, &parts.uri, &body);
+        let fingerprint = config.fingerprint.fingerprint(&parts, &body);
         let attempt = Attempt::new(fingerprint);
 
         #[cfg(feature = "cache")]
@@ -282,7 +282,7 @@ where
             ctx.release(&attempt, &mut watch).await;
         } else {
             ctx.route.warn_if_scoped_by_path();
-            if (ctx.shared.config.store_response)(&parts) {
+            if StorePolicy::stores(&parts) && (ctx.shared.config.store_response)(&parts) {
                 let completed = ctx
                     .complete(&attempt, &mut token, &mut parts, &body, &mut watch)
                     .await;
@@ -293,6 +293,7 @@ where
                 ctx.release(&attempt, &mut watch).await;
             }
         }
+        parts.extensions.remove::<StorePolicy>();
         Ok(Response::from_parts(parts, ResBody::from(body)))
     }
 }

@@ -141,6 +141,9 @@ impl KeyDecision {
     /// The one key policy, for keys read from the head and from the body alike.
     fn of(config: &Config, found: Result<Option<IdempotencyKey>, KeyError>) -> Self {
         match found {
+            Ok(Some(key)) if key.as_str().len() < config.min_key_len => {
+                Self::Reject(Rejection::key_too_short(config.min_key_len))
+            }
             Ok(Some(key)) => Self::Protect(key),
             Ok(None) if !config.require_key => Self::PassThrough,
             Ok(None) => Self::Reject(Rejection::missing_key(config.key_source.describe())),

@@ -8,6 +8,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, header, response};
 use crate::config::Config;
 use crate::fingerprint::Fingerprint;
 use crate::record::CompletedRecord;
+use crate::store_policy::StorePolicy;
 
 /// The header added to every replayed response.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
@@ -23,8 +24,11 @@ pub(super) fn record_of(
     parts: &mut response::Parts,
     body: &Bytes,
 ) -> (CompletedRecord, bool) {
-    let status_only = config.status_only;
-    let omitted = status_only || body.len() > config.max_response_body;
+    // The handler's policy can only keep less than the settings.
+    let policy = StorePolicy::of(&parts.extensions);
+    let status_only = config.status_only || policy == StorePolicy::ProcessedOnly;
+    let too_large = body.len() > config.max_response_body;
+    let omitted = status_only || too_large || policy == StorePolicy::StatusAndHeaders;
     let (mut headers, lent) = if status_only {
         (HeaderMap::new(), false)
     } else {
@@ -37,6 +41,8 @@ pub(super) fn record_of(
     };
     if omitted && !status_only {
         headers.remove(header::CONTENT_LENGTH);
+    }
+    if too_large && !status_only {
         tracing::warn!(
             size = body.len(),
             limit = config.max_response_body,
