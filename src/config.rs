@@ -45,6 +45,8 @@ pub(crate) struct Config {
     pub(crate) detached: DetachedWork,
     #[cfg(feature = "cache")]
     pub(crate) cache: Option<crate::cache::LocalCache>,
+    #[cfg(feature = "encryption")]
+    pub(crate) encryption: Option<Arc<crate::encryption::KeyRing>>,
 }
 
 impl Default for Config {
@@ -68,6 +70,8 @@ impl Default for Config {
             status_only: false,
             #[cfg(feature = "cache")]
             cache: None,
+            #[cfg(feature = "encryption")]
+            encryption: None,
             waiters: Arc::new(Semaphore::new(DEFAULT_MAX_WAITERS)),
             detached: DetachedWork::default(),
         }

@@ -141,6 +141,8 @@
 //!   read from a JSON body (Stripe events).
 //! - `postgres`: [`PgStore`], the store on Postgres (through `sqlx`; bring your own TLS
 //!   feature of `sqlx` if your database needs it).
+//! - `encryption`: [`KeyRing`] and [`IdempotencyLayer::encrypt_with`], stored headers and
+//!   bodies encrypted (XChaCha20-Poly1305) and bound to their key.
 //! - `conformance`: [`conformance`] and [`store_conformance_tests!`], the kit that checks a store
 //!   against the [`IdempotencyStore`] contract.
 //! - `client`: the sender's side, [`client::IdempotentClientLayer`], for any Tower HTTP client:
@@ -186,6 +188,7 @@ mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod detached;
+mod encryption;
 #[cfg(feature = "axum")]
 mod extract;
 mod fingerprint;
@@ -206,6 +209,9 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[cfg(feature = "cache")]
 pub use cache::LocalCache;
 pub use detached::DetachedWork;
+#[cfg(feature = "encryption")]
+#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
+pub use encryption::{InvalidKey, KeyRing};
 #[cfg(feature = "axum")]
 pub use extract::MissingKeyExtension;
 pub use fingerprint::Fingerprint;

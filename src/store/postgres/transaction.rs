@@ -11,7 +11,7 @@ use crate::store::{Attempt, StoreError};
 /// complete and commit it.
 pub(super) type SharedTx = Arc<tokio::sync::Mutex<Option<Transaction<'static, Postgres>>>>;
 
-/// What [`PgStore`] remembers about a claim it granted: the attempt, and in transactional mode
+/// What [`PgStore`](super::PgStore) remembers about a claim it granted: the attempt, and in transactional mode
 /// the transaction opened for its handler. Dropped without a complete, the transaction rolls
 /// back.
 #[derive(Debug)]
@@ -20,7 +20,7 @@ pub struct PgToken {
     pub(super) tx: Option<SharedTx>,
 }
 
-/// The handler's share of the request's transaction, with [`PgStore::transactional`]: run the
+/// The handler's share of the request's transaction, with [`PgStore::transactional`](super::PgStore::transactional): run the
 /// handler's queries on [`PgTx::conn`], and the layer commits them together with the stored
 /// response, or rolls them back. The handler cannot commit or roll back itself.
 ///
