@@ -33,7 +33,7 @@ use crate::source::KeySource;
 #[must_use]
 pub struct IdempotencyLayer<St> {
     store: St,
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
 }
 
 impl<St> IdempotencyLayer<St> {
