@@ -125,6 +125,14 @@
 //! - [`fail_open`](IdempotencyLayer::fail_open) trades all of this for availability while the
 //!   store is down.
 //!
+//! # Operating
+//!
+//! [`IdempotencyLayer::inspect`] reports what the store holds for a key (absent, running,
+//! completed) without claiming it, and [`IdempotencyLayer::forget`] deletes a completed key so
+//! that its next request runs the handler again; a [`KeyQuery`] names the key by route,
+//! caller and key, as the layer scopes it. With the `encryption` feature,
+//! `IdempotencyLayer::encrypt_with` keeps stored headers and bodies encrypted, bound to their key.
+//!
 //! # Feature flags
 //!
 //! The defaults are `axum`, `redis` and `json`. An application that keeps its records in a
