@@ -11,7 +11,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
-use tower_idempotency::{IdempotencyLayer, IdempotencyStore, KeyRing};
+use tower_idempotency::{IdempotencyLayer, IdempotencyStore, KeyQuery, KeyRing, KeyState};
 
 use common::backend::{Backend, send};
 use common::{TestRedis, unique_prefix};
@@ -128,7 +128,36 @@ async fn plaintext_records_need_a_migration<St: IdempotencyStore>(backend: Backe
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
+/// `inspect` reports the length of the body a replay sends (decrypted), and the stored size
+/// (sealed: larger by the key id, nonce, tag and the encoded headers); a ring without the key
+/// cannot report it.
+async fn inspect_decrypts_to_report<St: IdempotencyStore>(backend: Backend<St>) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(backend.store).encrypt_with(ring());
+    let first = send(&app(layer.clone(), &runs), pay("k")).await;
+    let query = KeyQuery::new("/pay", "k");
+    match layer.inspect(&query).await.unwrap() {
+        KeyState::Completed {
+            status,
+            body_len,
+            stored_bytes,
+            ..
+        } => {
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body_len, first.body.len());
+            assert!(stored_bytes > body_len + 24 + 16, "{stored_bytes}");
+        }
+        other => panic!("expected Completed, got {other:?}"),
+    }
+    let other_ring = layer.encrypt_with(KeyRing::new(9, [0x99; 32]));
+    assert!(matches!(
+        other_ring.inspect(&query).await,
+        Err(tower_idempotency::StoreError::Corrupt(_))
+    ));
+}
+
 both_stores!(
+    inspect_decrypts_to_report,
     encrypted_records_are_replayed,
     a_rotated_ring_reads_old_records,
     plaintext_records_need_a_migration,
