@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tower_idempotency::{Attempt, Claim, CompletedRecord, Fenced, IdempotencyStore, StoreError};
+use tower_idempotency::{
+    Attempt, Claim, CompletedRecord, Fenced, IdempotencyStore, Lookup, StoreError,
+};
 
 enum Entry {
     Running { attempt: Attempt, until: Instant },
@@ -146,6 +148,33 @@ impl IdempotencyStore for MapStore {
         }
         entries.remove(key);
         Ok(Fenced::Applied)
+    }
+
+    // The operator's two operations: read a key without claiming it, forget a completed one.
+    async fn lookup(&self, key: &str) -> Result<Lookup, StoreError> {
+        let now = Instant::now();
+        let found = self.with_live(key, |entry| match entry {
+            Entry::Running { attempt, until } => Ok(Lookup::Running {
+                fingerprint: *attempt.fingerprint(),
+                retry_after: *until - now,
+            }),
+            Entry::Completed { encoded, .. } => CompletedRecord::decode(encoded.clone())
+                .map(Lookup::Completed)
+                .map_err(StoreError::corrupt),
+        });
+        found.unwrap_or(Ok(Lookup::Absent))
+    }
+
+    async fn forget(&self, key: &str) -> Result<bool, StoreError> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let completed = matches!(
+            entries.get(key),
+            Some(Entry::Completed { until, .. }) if *until > Instant::now()
+        );
+        if completed {
+            entries.remove(key);
+        }
+        Ok(completed)
     }
 }
 

@@ -129,6 +129,11 @@ impl LocalCache {
         Some(record)
     }
 
+    /// Drops `key`'s record (the operator forgot the key).
+    pub(crate) fn remove(&self, key: &str) {
+        self.inner.cache.remove(key);
+    }
+
     pub(crate) fn insert(&self, key: &str, record: CompletedRecord) {
         if remaining(&record).is_zero() {
             return;

@@ -48,6 +48,8 @@ pub(crate) struct Config {
     pub(crate) detached: DetachedWork,
     #[cfg(feature = "cache")]
     pub(crate) cache: Option<crate::cache::LocalCache>,
+    #[cfg(feature = "encryption")]
+    pub(crate) encryption: Option<Arc<crate::encryption::KeyRing>>,
 }
 
 impl Default for Config {
@@ -73,6 +75,8 @@ impl Default for Config {
             status_only: false,
             #[cfg(feature = "cache")]
             cache: None,
+            #[cfg(feature = "encryption")]
+            encryption: None,
             waiters: Arc::new(Semaphore::new(DEFAULT_MAX_WAITERS)),
             detached: DetachedWork::default(),
         }

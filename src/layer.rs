@@ -34,7 +34,7 @@ use crate::source::KeySource;
 #[must_use]
 pub struct IdempotencyLayer<St> {
     store: St,
-    config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
 }
 
 impl<St> IdempotencyLayer<St> {
@@ -200,6 +200,22 @@ impl<St> IdempotencyLayer<St> {
     #[cfg(feature = "cache")]
     pub fn local_cache(mut self, cache: crate::LocalCache) -> Self {
         self.config().cache = Some(cache);
+        self
+    }
+
+    /// Encrypts the headers and body of every stored response with `ring`'s current key, bound
+    /// to the record's scoped key, and decrypts them on replay (feature `encryption`). The
+    /// status, the request fingerprint and the expiry stay in the clear. A record that does not
+    /// decrypt (moved under another key, altered, sealed with a key no longer in the ring) is
+    /// answered `500` and never replayed. See [`KeyRing`](crate::KeyRing) for keys, rotation
+    /// and migrating from plaintext records. A [`local_cache`](Self::local_cache) keeps
+    /// records decrypted, in process.
+    ///
+    /// Defaults to no encryption.
+    #[cfg(feature = "encryption")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
+    pub fn encrypt_with(mut self, ring: crate::KeyRing) -> Self {
+        self.config().encryption = Some(Arc::new(ring));
         self
     }
 

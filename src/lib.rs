@@ -136,6 +136,14 @@
 //! - [`fail_open`](IdempotencyLayer::fail_open) trades all of this for availability while the
 //!   store is down.
 //!
+//! # Operating
+//!
+//! [`IdempotencyLayer::inspect`] reports what the store holds for a key (absent, running,
+//! completed) without claiming it, and [`IdempotencyLayer::forget`] deletes a completed key so
+//! that its next request runs the handler again; a [`KeyQuery`] names the key by route,
+//! caller and key, as the layer scopes it. With the `encryption` feature,
+//! `IdempotencyLayer::encrypt_with` keeps stored headers and bodies encrypted, bound to their key.
+//!
 //! # Feature flags
 //!
 //! The defaults are `axum`, `redis` and `json`. An application that keeps its records in a
@@ -152,6 +160,8 @@
 //!   read from a JSON body (Stripe events).
 //! - `postgres`: [`PgStore`], the store on Postgres (through `sqlx`; bring your own TLS
 //!   feature of `sqlx` if your database needs it).
+//! - `encryption`: [`KeyRing`] and [`IdempotencyLayer::encrypt_with`], stored headers and
+//!   bodies encrypted (XChaCha20-Poly1305) and bound to their key.
 //! - `conformance`: [`conformance`] and [`store_conformance_tests!`], the kit that checks a store
 //!   against the [`IdempotencyStore`] contract.
 //! - `client`: the sender's side, [`client::IdempotentClientLayer`], for any Tower HTTP client:
@@ -197,12 +207,14 @@ mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod detached;
+mod encryption;
 #[cfg(feature = "axum")]
 mod extract;
 mod fingerprint;
 mod key;
 mod layer;
 pub mod metrics;
+mod operator;
 mod presets;
 mod record;
 mod rejection;
@@ -218,11 +230,15 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[cfg(feature = "cache")]
 pub use cache::LocalCache;
 pub use detached::DetachedWork;
+#[cfg(feature = "encryption")]
+#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
+pub use encryption::{InvalidKey, KeyRing};
 #[cfg(feature = "axum")]
 pub use extract::MissingKeyExtension;
 pub use fingerprint::{Fingerprint, FingerprintSpec};
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
+pub use operator::{KeyQuery, KeyState};
 pub use record::{CompletedRecord, DecodeError};
 pub use rejection::{Rejection, RejectionKind};
 pub use service::{IDEMPOTENT_REPLAYED, Idempotency, ResponseFuture};
@@ -232,5 +248,5 @@ pub use store::memory::MemoryStore;
 pub use store::postgres::{PgStore, PgToken, PgTx};
 #[cfg(feature = "redis")]
 pub use store::redis::{Fencing, RedisStore, RedisToken};
-pub use store::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
+pub use store::{Attempt, Claim, Fenced, IdempotencyStore, Lookup, StoreError};
 pub use store_policy::StorePolicy;

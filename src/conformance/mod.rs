@@ -22,6 +22,7 @@
 //! public so that a store's own tests can use them too.
 
 mod cases;
+mod operator;
 
 use std::time::{Duration, SystemTime};
 
@@ -35,6 +36,7 @@ pub use cases::{
     fencing_by_owner, keys_are_independent, lapsed_lease_is_fenced, record_ttl, release_frees_key,
     renew_keeps_key, repeats_find_their_effect,
 };
+pub use operator::{forget_deletes_completed_only, lookup_reads_without_claiming};
 
 /// Runs every case of the conformance kit as a test of its own. `$factory` is called with the
 /// test's name and returns a future of `(store, guard)`; see the [module docs](crate::conformance).
@@ -53,6 +55,8 @@ macro_rules! store_conformance_tests {
             bodies_round_trip,
             keys_are_independent,
             concurrent_claims,
+            lookup_reads_without_claiming,
+            forget_deletes_completed_only,
         );
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {

@@ -6,7 +6,7 @@
 mod detach;
 mod flow;
 mod response;
-mod scope;
+pub(crate) mod scope;
 mod store_calls;
 mod trace;
 

@@ -17,18 +17,25 @@ pub(super) fn scoped_key(
     config: &Config,
     key: &IdempotencyKey,
 ) -> ScopedKey {
-    let route = route.as_str().as_bytes();
-    let namespace = config.namespace.as_deref().unwrap_or("").as_bytes();
     let caller = config.scope.as_ref().and_then(|f| f(parts));
-    let digest = match &caller {
-        Some(caller) => digest_fields(&[
-            route,
-            namespace,
-            b"\x01",
-            caller.as_bytes(),
-            key.as_str().as_bytes(),
-        ]),
-        None => digest_fields(&[route, namespace, b"\x00", key.as_str().as_bytes()]),
+    scoped_key_of(route.as_str(), config, caller.as_deref(), key.as_str())
+}
+
+/// [`scoped_key`] from its parts: also what the operator tools
+/// ([`IdempotencyLayer::inspect`](crate::IdempotencyLayer::inspect)) compute from a query.
+pub(crate) fn scoped_key_of(
+    route: &str,
+    config: &Config,
+    caller: Option<&str>,
+    key: &str,
+) -> ScopedKey {
+    let route = route.as_bytes();
+    let namespace = config.namespace.as_deref().unwrap_or("").as_bytes();
+    let digest = match caller {
+        Some(caller) => {
+            digest_fields(&[route, namespace, b"\x01", caller.as_bytes(), key.as_bytes()])
+        }
+        None => digest_fields(&[route, namespace, b"\x00", key.as_bytes()]),
     };
     let mut hex = [0u8; 32];
     for (pair, b) in hex.chunks_exact_mut(2).zip(&digest.as_bytes()[..16]) {
@@ -41,10 +48,10 @@ pub(super) fn scoped_key(
 /// The key the store sees: 128 bits of the scope's digest in 32 lowercase hex digits, kept
 /// inline (no allocation per request).
 #[derive(Clone, Copy)]
-pub(super) struct ScopedKey([u8; 32]);
+pub(crate) struct ScopedKey([u8; 32]);
 
 impl ScopedKey {
-    pub(super) fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         // Only ever hex digits: valid UTF-8.
         std::str::from_utf8(&self.0).unwrap_or_default()
     }

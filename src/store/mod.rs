@@ -22,6 +22,13 @@
 //! an entry you cannot read with [`StoreError::corrupt`]: the layer answers `500` and never runs
 //! the handler over it. The conformance kit (feature `conformance`, [`crate::conformance`])
 //! checks a store against this contract.
+//!
+//! Two operations serve operators rather than the layer:
+//! [`lookup`](IdempotencyStore::lookup) (read a key without claiming it) and
+//! [`forget`](IdempotencyStore::forget) (delete a completed record). They have defaults that
+//! answer [`StoreError::Unsupported`], so a store written before them still compiles;
+//! implement both to support [`IdempotencyLayer::inspect`](crate::IdempotencyLayer::inspect)
+//! and [`IdempotencyLayer::forget`](crate::IdempotencyLayer::forget).
 
 use std::fmt;
 use std::future::Future;
@@ -32,11 +39,14 @@ use crate::BoxError;
 use crate::fingerprint::Fingerprint;
 use crate::record::{CompletedRecord, DecodeError};
 
+mod lookup;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
+
+pub use lookup::Lookup;
 
 /// One attempt at a key: a random owner token, unique to the attempt (across processes too),
 /// and the fingerprint of its request.
@@ -148,6 +158,10 @@ pub enum StoreError {
     /// The stored entry is not one the store can read (corrupted, truncated, written by
     /// something else). The layer answers `500` and leaves it in place.
     Corrupt(BoxError),
+    /// The store does not implement this operation (an operator tool, such as
+    /// [`IdempotencyStore::lookup`] or [`IdempotencyStore::forget`], on a store written before
+    /// it existed).
+    Unsupported(&'static str),
 }
 
 impl StoreError {
@@ -174,6 +188,7 @@ impl fmt::Display for StoreError {
             Self::Backend(err) => write!(f, "idempotency store error: {err}"),
             Self::Timeout => f.write_str("idempotency store timed out"),
             Self::Corrupt(err) => write!(f, "idempotency store entry unreadable: {err}"),
+            Self::Unsupported(op) => write!(f, "the idempotency store does not support {op}"),
         }
     }
 }
@@ -182,7 +197,7 @@ impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Backend(err) | Self::Corrupt(err) => Some(&**err),
-            Self::Timeout => None,
+            Self::Timeout | Self::Unsupported(_) => None,
         }
     }
 }
@@ -277,6 +292,28 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
     fn commits_handler_writes(&self, token: &Self::Token) -> bool {
         let _ = token;
         false
+    }
+
+    /// Reads what `key` holds without changing it (no claim, no lease, no expiry touched): for
+    /// operators ([`IdempotencyLayer::inspect`](crate::IdempotencyLayer::inspect)). An expired
+    /// entry is [`Lookup::Absent`].
+    ///
+    /// The default answers [`StoreError::Unsupported`]; the crate's stores implement it.
+    fn lookup(&self, key: &str) -> impl Future<Output = Result<Lookup, StoreError>> + Send {
+        let _ = key;
+        async { Err(StoreError::Unsupported("lookup")) }
+    }
+
+    /// Deletes the **completed** record under `key`, in one atomic step, so that the next
+    /// request with the key runs the handler again: for operators
+    /// ([`IdempotencyLayer::forget`](crate::IdempotencyLayer::forget)). A running entry is left
+    /// alone (deleting it would let a second attempt run beside the first); it is released or
+    /// completed by its owner, or lapses with its lease. Answers whether a record was deleted.
+    ///
+    /// The default answers [`StoreError::Unsupported`]; the crate's stores implement it.
+    fn forget(&self, key: &str) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = key;
+        async { Err(StoreError::Unsupported("forget")) }
     }
 }
 

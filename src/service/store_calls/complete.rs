@@ -29,21 +29,29 @@ impl<St: IdempotencyStore> Ctx<St> {
         let (mut record, lent) =
             { record_of(&self.shared.config, *attempt.fingerprint(), parts, body) };
         let store = &self.shared.store;
-        let mut stored = self
-            .timed(
-                "complete",
-                watch,
-                store.complete(self.scoped.as_str(), token, &record, ttl),
-            )
-            .await;
+        // What the store gets: the record, or (feature `encryption`) its sealed form.
+        let sealed = crate::encryption::seal(&self.shared.config, self.scoped.as_str(), &record);
+        let mut stored = match &sealed {
+            Ok(sealed) => {
+                let to_store = sealed.as_ref().unwrap_or(&record);
+                self.timed(
+                    "complete",
+                    watch,
+                    store.complete(self.scoped.as_str(), token, to_store, ttl),
+                )
+                .await
+            }
+            Err(err) => Err(StoreError::corrupt(err.to_string())),
+        };
         let transactional = store.commits_handler_writes(token);
-        if let Err(err) = &stored
+        if let (Err(err), Ok(sealed)) = (&stored, &sealed)
             && err.outcome_unknown()
             && !transactional
         {
             tracing::warn!(route = %self.route, error = %err, "could not store the response; trying again");
             // Boxed: rare, and its future would make every first delivery's future larger.
-            stored = Box::pin(self.complete_again(token, &record)).await;
+            let to_store = sealed.as_ref().unwrap_or(&record);
+            stored = Box::pin(self.complete_again(token, to_store)).await;
         }
         #[cfg(feature = "cache")]
         let cache = self

@@ -65,7 +65,9 @@ impl<St: IdempotencyStore> Ctx<St> {
             )
             .await;
         unknown.armed = matches!(&claim, Err(err) if err.outcome_unknown());
-        claim
+        // A completed record is decrypted here (feature `encryption`); one that does not
+        // decrypt under this key is unreadable.
+        crate::encryption::open_claim(&self.shared.config, self.scoped.as_str(), claim)
     }
 
     /// Waits (bounded in time and in concurrent waiters) for the request holding the key to

@@ -1,6 +1,7 @@
 //! An in-process store with the same semantics as the Redis store.
 
 mod digest;
+mod operator;
 mod shard;
 #[cfg(test)]
 mod tests;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
+use super::{Attempt, Claim, Fenced, IdempotencyStore, Lookup, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::record::CompletedRecord;
 
@@ -400,5 +401,13 @@ impl IdempotencyStore for MemoryStore {
             self.shared.forget((1, released.bytes()));
         }
         Ok(Fenced::Applied)
+    }
+
+    async fn lookup(&self, key: &str) -> Result<Lookup, StoreError> {
+        self.lookup_entry(key)
+    }
+
+    async fn forget(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.forget_entry(key))
     }
 }

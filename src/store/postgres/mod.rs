@@ -7,10 +7,11 @@ use bytes::Bytes;
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
-use super::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
+use super::{Attempt, Claim, Fenced, IdempotencyStore, Lookup, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::record::CompletedRecord;
 
+mod operator;
 mod statements;
 mod transaction;
 
@@ -372,5 +373,13 @@ impl IdempotencyStore for PgStore {
 
     fn commits_handler_writes(&self, _token: &PgToken) -> bool {
         self.transactional
+    }
+
+    async fn lookup(&self, key: &str) -> Result<Lookup, StoreError> {
+        self.lookup_row(key).await
+    }
+
+    async fn forget(&self, key: &str) -> Result<bool, StoreError> {
+        self.forget_row(key).await
     }
 }

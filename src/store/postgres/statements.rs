@@ -11,6 +11,8 @@ pub(super) struct Statements {
     pub(super) complete: Arc<str>,
     pub(super) release: Arc<str>,
     pub(super) purge: Arc<str>,
+    pub(super) lookup: Arc<str>,
+    pub(super) forget: Arc<str>,
 }
 
 impl Statements {
@@ -59,6 +61,16 @@ impl Statements {
                 SELECT key FROM {t} WHERE expires_at < clock_timestamp() LIMIT $1
                 FOR UPDATE SKIP LOCKED)"
         );
+        // The operator's read (the columns `held` reads) and delete of a completed record.
+        let lookup = format!(
+            "SELECT owner, fingerprint, record,
+                    (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8 AS left_ms
+             FROM {t} WHERE key = $1 AND expires_at > clock_timestamp()"
+        );
+        let forget = format!(
+            "DELETE FROM {t}
+             WHERE key = $1 AND record IS NOT NULL AND expires_at > clock_timestamp()"
+        );
         Self {
             schema: schema.to_owned(),
             table: table.to_owned(),
@@ -67,6 +79,8 @@ impl Statements {
             complete: complete.into(),
             release: release.into(),
             purge: purge.into(),
+            lookup: lookup.into(),
+            forget: forget.into(),
         }
     }
 

@@ -27,6 +27,7 @@ macro_rules! lua {
 pub(super) static REPLACE: Lua = lua!("lua/replace.lua");
 pub(super) static RELEASE: Lua = lua!("lua/release.lua");
 pub(super) static CLAIM: Lua = lua!("lua/claim.lua");
+pub(super) static FORGET: Lua = lua!("lua/forget.lua");
 
 impl<C> RedisStore<C>
 where

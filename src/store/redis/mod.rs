@@ -2,6 +2,7 @@
 
 mod command;
 mod fencing;
+mod operator;
 
 pub use fencing::Fencing;
 
@@ -15,7 +16,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 
 use self::command::{CLAIM, Key, RELEASE, command, is_refusal, millis, refuses_writes};
 use self::fencing::running_record;
-use super::{Attempt, Claim, Fenced, IdempotencyStore, StoreError};
+use super::{Attempt, Claim, Fenced, IdempotencyStore, Lookup, StoreError};
 use crate::clock::unix_ms;
 use crate::record::{CompletedRecord, RunningRecord, Stored};
 
@@ -348,6 +349,14 @@ where
             .await
             .map(fenced)
             .map_err(StoreError::backend)
+    }
+
+    async fn lookup(&self, key: &str) -> Result<Lookup, StoreError> {
+        self.lookup_value(key).await
+    }
+
+    async fn forget(&self, key: &str) -> Result<bool, StoreError> {
+        self.forget_value(key).await
     }
 }
 
