@@ -113,14 +113,13 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// [`StoreError::Unsupported`].
     pub async fn forget(&self, query: &KeyQuery) -> Result<bool, StoreError> {
         let scoped = self.scoped(query);
-        let forgotten = self
-            .within_timeout(self.store().forget(scoped.as_str()))
-            .await?;
+        // This instance's cached copy goes first, whatever the store answers.
         #[cfg(feature = "cache")]
         if let Some(cache) = &self.config.cache {
             cache.remove(scoped.as_str());
         }
-        Ok(forgotten)
+        self.within_timeout(self.store().forget(scoped.as_str()))
+            .await
     }
 
     fn scoped(&self, query: &KeyQuery) -> ScopedKey {

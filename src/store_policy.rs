@@ -35,8 +35,11 @@ pub enum StorePolicy {
     Full,
     /// Keep the status and headers, not the body: a replay gets the original status and
     /// headers (without `Content-Length`) and an empty body, as for a body over
-    /// [`max_response_body`](crate::IdempotencyLayer::max_response_body). For answers that
-    /// must reach one caller only: a one-time secret, a download link.
+    /// [`max_response_body`](crate::IdempotencyLayer::max_response_body). For a body that
+    /// must reach one caller only, a one-time secret in it; headers are replayed, so a secret
+    /// in a header (a link in `Location`, a `Set-Cookie`) needs
+    /// [`ProcessedOnly`](Self::ProcessedOnly) or
+    /// [`exclude_headers`](crate::IdempotencyLayer::exclude_headers).
     StatusAndHeaders,
     /// Keep only that the request was processed, and its status: a replay gets the original
     /// status, no headers and an empty body (the same record

@@ -156,7 +156,72 @@ async fn inspect_decrypts_to_report<St: IdempotencyStore>(backend: Backend<St>) 
     ));
 }
 
+/// Records kept without their body (`status_only`, `StorePolicy::StatusAndHeaders`, a body
+/// over `max_response_body`) are sealed and replayed like any other: the status (and headers
+/// where kept) with an empty body.
+async fn records_without_their_body_are_replayed<St: IdempotencyStore>(backend: Backend<St>) {
+    use tower_idempotency::StorePolicy;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let store = backend.store;
+    let layers = [
+        (
+            "status only",
+            IdempotencyLayer::new(store.clone()).status_only(true),
+        ),
+        (
+            "too large",
+            IdempotencyLayer::new(store.clone()).max_response_body(4),
+        ),
+    ];
+    for (what, layer) in layers {
+        let app = app(layer.namespace(what).encrypt_with(ring()), &runs);
+        let first = send(&app, pay("k")).await;
+        assert_eq!(first.status, StatusCode::OK, "{what}");
+        let replay = send(&app, pay("k")).await;
+        assert_eq!(replay.status, StatusCode::OK, "{what}: {:?}", replay.text());
+        assert!(replay.replayed(), "{what}");
+        assert!(replay.body.is_empty(), "{what}");
+    }
+    let policy = Router::new()
+        .route(
+            "/pay",
+            post(|| async {
+                (
+                    StorePolicy::StatusAndHeaders,
+                    [("x-customer", "ada")],
+                    SECRET,
+                )
+            }),
+        )
+        .route_layer(IdempotencyLayer::new(store).encrypt_with(ring()));
+    assert_eq!(send(&policy, pay("p")).await.status, StatusCode::OK);
+    let replay = send(&policy, pay("p")).await;
+    assert_eq!(replay.status, StatusCode::OK, "{:?}", replay.text());
+    assert!(replay.replayed());
+    assert!(replay.body.is_empty());
+    assert_eq!(replay.headers["x-customer"], "ada");
+}
+
+/// The marker header of sealed records is reserved: a handler that sends it itself, on a layer
+/// without encryption, still gets its answer replayed (without that header).
+async fn the_reserved_header_is_never_stored<St: IdempotencyStore>(backend: Backend<St>) {
+    let app = Router::new()
+        .route(
+            "/pay",
+            post(|| async { ([("tower-idempotency-sealed", "1")], "paid") }),
+        )
+        .route_layer(IdempotencyLayer::new(backend.store));
+    assert_eq!(send(&app, pay("k")).await.status, StatusCode::OK);
+    let replay = send(&app, pay("k")).await;
+    assert_eq!(replay.status, StatusCode::OK, "{:?}", replay.text());
+    assert!(replay.replayed());
+    assert_eq!(replay.text(), "paid");
+    assert!(!replay.headers.contains_key("tower-idempotency-sealed"));
+}
+
 both_stores!(
+    the_reserved_header_is_never_stored,
+    records_without_their_body_are_replayed,
     inspect_decrypts_to_report,
     encrypted_records_are_replayed,
     a_rotated_ring_reads_old_records,

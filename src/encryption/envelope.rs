@@ -1,28 +1,29 @@
-//! A sealed record: the status, fingerprint, flags and expiry stay in the clear (the layer and
-//! the stores read them); the headers and body are encoded together and encrypted into the
-//! body, and one marker header says so.
+//! A sealed record: the status, fingerprint and expiry stay in the clear (the layer and the
+//! stores read them); the headers, the body and whether the body was omitted are encoded
+//! together and encrypted into the body, and one marker header says so.
 //!
 //! ```text
 //! headers: tower-idempotency-sealed: 1
-//! body:    [version: 1][key id: u32 LE][nonce: 24][ciphertext of the headers and body + tag: 16]
+//! body:    [version: 1][key id: u32 LE][nonce: 24][ciphertext of the inner record + tag: 16]
 //! associated data: [DOMAIN][scoped key][status: u16 LE][fingerprint: 32][flags: u8][key id: u32 LE]
 //! ```
+//!
+//! The stored record always has a body (the ciphertext), so it is never marked body-omitted;
+//! the inner record carries that flag.
 
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
 use chacha20poly1305::XNonce;
 use chacha20poly1305::aead::{Aead, Payload};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderValue};
 
 use super::KeyRing;
 use crate::fingerprint::Fingerprint;
 use crate::record::CompletedRecord;
 use crate::store::StoreError;
 
-/// The header that marks a sealed record. A response's own header of that name is not told
-/// apart from it: do not send one.
-pub(super) const SEALED: HeaderName = HeaderName::from_static("tower-idempotency-sealed");
+use super::SEALED;
 const VERSION: u8 = 1;
 const DOMAIN: &[u8] = b"tower-idempotency sealed record v1\0";
 const NONCE_LEN: usize = 24;
@@ -41,11 +42,18 @@ pub(super) fn seal(
     })?;
     // The crate's own record encoding carries the headers and body; its other fields are
     // placeholders, the real ones stay in the clear.
-    let plain = CompletedRecord::new(Fingerprint([0; 32]), record.status, UNIX_EPOCH)
+    let mut inner = CompletedRecord::new(Fingerprint([0; 32]), record.status, UNIX_EPOCH)
         .with_headers(record.headers.clone())
-        .with_body(record.body.clone())
-        .encode();
-    let aad = associated_data(scoped, record, id);
+        .with_body(record.body.clone());
+    if record.body_omitted {
+        inner = inner.with_body_omitted();
+    }
+    let plain = inner.encode();
+    let mut headers = HeaderMap::with_capacity(1);
+    headers.insert(SEALED, HeaderValue::from_static("1"));
+    let mut out = record.clone().with_headers(headers);
+    out.body_omitted = false;
+    let aad = associated_data(scoped, &out, id);
     let sealed = cipher
         .encrypt(
             &XNonce::from(nonce),
@@ -60,9 +68,6 @@ pub(super) fn seal(
     body.extend_from_slice(&id.to_le_bytes());
     body.extend_from_slice(&nonce);
     body.extend_from_slice(&sealed);
-    let mut headers = HeaderMap::with_capacity(1);
-    headers.insert(SEALED, HeaderValue::from_static("1"));
-    let mut out = record.clone().with_headers(headers);
     out.body = Bytes::from(body);
     Ok(out)
 }
@@ -118,6 +123,7 @@ pub(super) fn open(
     let mut out = record;
     out.headers = inner.headers;
     out.body = inner.body;
+    out.body_omitted = inner.body_omitted;
     Ok(out)
 }
 

@@ -14,9 +14,16 @@ mod ring;
 #[cfg(feature = "encryption")]
 pub use ring::{InvalidKey, KeyRing};
 
+use http::HeaderName;
+
 use crate::config::Config;
 use crate::record::CompletedRecord;
 use crate::store::{Claim, StoreError};
+
+/// The header that marks a sealed record. It is reserved: a response's own header of that name
+/// is never stored, and a record carrying it is opened (or refused), never replayed as it is,
+/// with or without the feature.
+const SEALED: HeaderName = HeaderName::from_static("tower-idempotency-sealed");
 
 /// The form of `record` to store under `scoped`: `None` when it is stored as it is (no
 /// encryption configured).
@@ -25,12 +32,18 @@ pub(crate) fn seal(
     scoped: &str,
     record: &CompletedRecord,
 ) -> Result<Option<CompletedRecord>, StoreError> {
+    // The reserved header, sent by the handler itself, would make the record look sealed.
+    let stripped = record.headers.contains_key(SEALED).then(|| {
+        let mut headers = record.headers.clone();
+        headers.remove(SEALED);
+        record.clone().with_headers(headers)
+    });
     #[cfg(feature = "encryption")]
     if let Some(ring) = &config.encryption {
-        return envelope::seal(ring, scoped, record).map(Some);
+        return envelope::seal(ring, scoped, stripped.as_ref().unwrap_or(record)).map(Some);
     }
-    let _ = (config, scoped, record);
-    Ok(None)
+    let _ = (config, scoped);
+    Ok(stripped)
 }
 
 /// Opens the record a claim found under `scoped`; one that does not open is
@@ -57,6 +70,11 @@ pub(crate) fn open(
     #[cfg(not(feature = "encryption"))]
     {
         let _ = (config, scoped);
+        if record.headers.contains_key(SEALED) {
+            return Err(StoreError::corrupt(
+                "the record is encrypted and this build has no `encryption` feature",
+            ));
+        }
         Ok(record)
     }
 }

@@ -47,10 +47,17 @@ impl KeyRing {
     }
 
     /// Adds an older key, which opens the records it sealed but seals none. A key with the
-    /// current key's id (or an id already in the ring) replaces nothing: the first one wins.
+    /// current key's id (or an id already in the ring) replaces nothing: the first one wins,
+    /// and a warning is logged, since records sealed with the other key will not open. Give
+    /// each key an id of its own.
     pub fn with_old(mut self, id: u32, key: [u8; 32]) -> Self {
         if self.get(id).is_none() {
             self.old.push((id, XChaCha20Poly1305::new(&key.into())));
+        } else {
+            tracing::warn!(
+                key_id = id,
+                "a key ring was given two keys with one id; the second is ignored"
+            );
         }
         self
     }

@@ -26,9 +26,83 @@ where
         .collect()
 }
 
+/// The body as a JSON tree, or `None` when it is not JSON or holds a number the tree would not
+/// keep exactly.
+fn parse(body: &[u8]) -> Option<Value> {
+    if !numbers_are_exact(body) {
+        return None;
+    }
+    serde_json::from_slice(body).ok()
+}
+
+/// Whether every number in `body` (outside strings) keeps its value in a `serde_json::Value`,
+/// which holds an integer as an `i64` or `u64` and any other number as an `f64` (the crate
+/// does not turn on `serde_json`'s `arbitrary_precision` for everyone): integers of up to 18
+/// digits (19 when positive), others of up to 15 significant digits and an exponent within
+/// ±300. A body with another number is compared whole, so that two bodies that differ in it
+/// never look the same.
+fn numbers_are_exact(body: &[u8]) -> bool {
+    let mut at = 0;
+    let mut in_string = false;
+    while at < body.len() {
+        let byte = body[at];
+        if in_string {
+            match byte {
+                b'\\' => at += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            at += 1;
+            continue;
+        }
+        if byte == b'"' {
+            in_string = true;
+            at += 1;
+        } else if byte == b'-' || byte.is_ascii_digit() {
+            let start = at;
+            while at < body.len()
+                && matches!(body[at], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+            {
+                at += 1;
+            }
+            if !exact(&body[start..at]) {
+                return false;
+            }
+        } else {
+            at += 1;
+        }
+    }
+    true
+}
+
+/// See [`numbers_are_exact`]; `number` is one number's text.
+fn exact(number: &[u8]) -> bool {
+    let mut halves = number.splitn(2, |&b| b == b'e' || b == b'E');
+    let mantissa = halves.next().unwrap_or_default();
+    let exponent = halves.next();
+    let significant = mantissa
+        .iter()
+        .filter(|b| b.is_ascii_digit())
+        .skip_while(|&&b| b == b'0')
+        .count();
+    if exponent.is_none() && !mantissa.contains(&b'.') {
+        let limit = if number.starts_with(b"-") { 18 } else { 19 };
+        return significant <= limit;
+    }
+    let exponent_ok = exponent.is_none_or(|e| {
+        let digits: Vec<u8> = e.iter().copied().filter(u8::is_ascii_digit).collect();
+        digits.len() <= 3
+            && std::str::from_utf8(&digits)
+                .ok()
+                .and_then(|d| d.parse::<u16>().ok())
+                .is_some_and(|e| e <= 300)
+    });
+    significant <= 15 && exponent_ok
+}
+
 /// The method, path and query, and the listed fields' values (or their absence).
 pub(super) fn selected(parts: &request::Parts, body: &[u8], paths: &[Path]) -> Fingerprint {
-    let Ok(mut root) = serde_json::from_slice::<Value>(body) else {
+    let Some(mut root) = parse(body) else {
         return not_json(parts, body);
     };
     sort_keys(&mut root);
@@ -49,7 +123,7 @@ pub(super) fn selected(parts: &request::Parts, body: &[u8], paths: &[Path]) -> F
 
 /// The method, path and query, and the body without the listed fields.
 pub(super) fn without(parts: &request::Parts, body: &[u8], paths: &[Path]) -> Fingerprint {
-    let Ok(mut root) = serde_json::from_slice::<Value>(body) else {
+    let Some(mut root) = parse(body) else {
         return not_json(parts, body);
     };
     for path in paths {
@@ -215,6 +289,44 @@ mod tests {
                 "/p",
                 r#"{"sent_at":1,"meta":{"v":1},"items":["x","w"],"n":1}"#
             )
+        );
+    }
+
+    #[test]
+    fn numbers_a_json_tree_would_round_are_compared_as_written() {
+        let spec = FingerprintSpec::json_fields(["amount"]);
+        for (a, b) in [
+            ("18446744073709551616", "18446744073709551617"),
+            ("-9999999999999999999", "-9999999999999999998"),
+            ("0.30000000000000001", "0.3"),
+            ("1e-400", "2e-400"),
+            ("12345678901234567.5", "12345678901234567.0"),
+        ] {
+            let one = fp(&spec, "/p", &format!(r#"{{"amount":{a},"sent_at":1}}"#));
+            let other = fp(&spec, "/p", &format!(r#"{{"amount":{b},"sent_at":1}}"#));
+            assert_ne!(one, other, "{a} and {b}");
+        }
+        // Exact numbers are still compared by value, and other fields still ignored.
+        assert_eq!(
+            fp(&spec, "/p", r#"{"amount":9223372036854775807,"sent_at":1}"#),
+            fp(
+                &spec,
+                "/p",
+                r#"{"sent_at":2, "amount":9223372036854775807}"#
+            )
+        );
+        assert_eq!(
+            fp(&spec, "/p", r#"{"amount":0.1,"sent_at":1}"#),
+            fp(&spec, "/p", r#"{"amount":0.10,"sent_at":2}"#)
+        );
+        // A number inside a string is text, not a number.
+        assert_eq!(
+            fp(
+                &spec,
+                "/p",
+                r#"{"amount":1,"sent_at":"18446744073709551616\"x"}"#
+            ),
+            fp(&spec, "/p", r#"{"amount":1,"sent_at":"other"}"#)
         );
     }
 
