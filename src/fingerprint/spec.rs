@@ -75,10 +75,15 @@ impl FingerprintSpec {
     /// as in [`KeySource::json_field`](crate::KeySource::json_field) (`"order.id"`, a numeric
     /// segment indexes an array: `"items.0.sku"`). A field that is absent or `null` counts as
     /// absent; two requests agree when every listed field has the same JSON value in both
-    /// (object keys in any order, the same numbers written the same way).
+    /// (object keys in any order, numbers by value: `0.1` and `0.10` agree).
     ///
     /// A body that is not JSON is compared whole, byte for byte, as with the default spec: the
-    /// request is not refused for it, and a retry of it must repeat it exactly.
+    /// request is not refused for it, and a retry of it must repeat it exactly. So is a body
+    /// with a number that a JSON tree would round (an integer beyond 64 bits, more than 15
+    /// significant digits, an exponent beyond ±300), so that two such numbers never compare
+    /// equal. The body is parsed into a tree for each keyed request, which takes several times
+    /// its size in memory: keep [`max_request_body`](crate::IdempotencyLayer::max_request_body)
+    /// to what the route needs.
     #[cfg(feature = "json")]
     #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
     pub fn json_fields<I, P>(paths: I) -> Self
