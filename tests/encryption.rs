@@ -247,23 +247,33 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
         .any(|w| w == needle.as_bytes())
 }
 
+/// A layer over the test Redis under a fresh prefix, with or without encryption.
+async fn redis_layer(
+    redis: &TestRedis,
+    test: &str,
+    encrypted: bool,
+) -> (String, IdempotencyLayer<tower_idempotency::RedisStore>) {
+    let prefix = unique_prefix(test);
+    let store = tower_idempotency::RedisStore::new(redis.client())
+        .await
+        .unwrap()
+        .key_prefix(prefix.clone());
+    let layer = IdempotencyLayer::new(store);
+    let layer = if encrypted {
+        layer.encrypt_with(ring())
+    } else {
+        layer
+    };
+    (prefix, layer)
+}
+
 /// What Redis holds has neither the body nor the headers in the clear; without encryption it
 /// has both (so the check can fail).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_holds_no_plaintext() {
     let redis = TestRedis::get();
     for encrypted in [true, false] {
-        let prefix = unique_prefix("redis_holds_no_plaintext");
-        let store = tower_idempotency::RedisStore::new(redis.client())
-            .await
-            .unwrap()
-            .key_prefix(prefix.clone());
-        let layer = IdempotencyLayer::new(store);
-        let layer = if encrypted {
-            layer.encrypt_with(ring())
-        } else {
-            layer
-        };
+        let (prefix, layer) = redis_layer(&redis, "redis_holds_no_plaintext", encrypted).await;
         let runs = Arc::new(AtomicUsize::new(0));
         assert_eq!(
             send(&app(layer, &runs), pay("k")).await.status,
@@ -289,17 +299,7 @@ async fn redis_holds_no_plaintext() {
 async fn a_record_copied_under_another_key_is_not_replayed() {
     let redis = TestRedis::get();
     for encrypted in [true, false] {
-        let prefix = unique_prefix("copied_record");
-        let store = tower_idempotency::RedisStore::new(redis.client())
-            .await
-            .unwrap()
-            .key_prefix(prefix.clone());
-        let layer = IdempotencyLayer::new(store);
-        let layer = if encrypted {
-            layer.encrypt_with(ring())
-        } else {
-            layer
-        };
+        let (prefix, layer) = redis_layer(&redis, "copied_record", encrypted).await;
         let runs = Arc::new(AtomicUsize::new(0));
         let app = app(layer, &runs);
         let a = send(&app, pay("key-a")).await;
