@@ -213,12 +213,12 @@ pub fn router_for(variant: Variant, pg: &PgBench, response: Bytes) -> Router {
     }
 }
 
-/// The claim `PgStore` sends, reduced to what a hand-written path needs: acquired, or the
-/// stored response.
+/// The claim statement `PgStore` sends, as it sends it: acquired, or what holds the key.
 fn by_hand_claim(t: &str) -> String {
     format!(
         "WITH live AS (
-            SELECT record FROM {t} WHERE key = $1 AND expires_at > clock_timestamp()
+            SELECT owner, fingerprint, record, expires_at FROM {t}
+            WHERE key = $1 AND expires_at > clock_timestamp()
         ),
         claimed AS (
             INSERT INTO {t} AS e (key, owner, fingerprint, record, expires_at)
@@ -230,9 +230,13 @@ fn by_hand_claim(t: &str) -> String {
                 WHERE e.expires_at <= clock_timestamp()
             RETURNING e.key
         )
-        SELECT true AS acquired, NULL::bytea AS record FROM claimed
+        SELECT true AS acquired, NULL::bytea AS owner, NULL::bytea AS fingerprint,
+               NULL::bytea AS record, 0::int8 AS left_ms
+        FROM claimed
         UNION ALL
-        SELECT false, record FROM live"
+        SELECT false, owner, fingerprint, record,
+               (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8
+        FROM live"
     )
 }
 
