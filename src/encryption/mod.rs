@@ -26,21 +26,23 @@ use crate::store::{Claim, StoreError};
 const SEALED: HeaderName = HeaderName::from_static("tower-idempotency-sealed");
 
 /// The form of `record` to store under `scoped`: `None` when it is stored as it is (no
-/// encryption configured).
+/// encryption configured). Boxed, so that the first delivery's future, which holds it across
+/// the store's `await`, does not grow by a record (BENCHMARKS.md, "Instructions per request").
 pub(crate) fn seal(
     config: &Config,
     scoped: &str,
     record: &CompletedRecord,
-) -> Result<Option<CompletedRecord>, StoreError> {
+) -> Result<Option<Box<CompletedRecord>>, StoreError> {
     // The reserved header, sent by the handler itself, would make the record look sealed.
     let stripped = record.headers.contains_key(SEALED).then(|| {
         let mut headers = record.headers.clone();
         headers.remove(SEALED);
-        record.clone().with_headers(headers)
+        Box::new(record.clone().with_headers(headers))
     });
     #[cfg(feature = "encryption")]
     if let Some(ring) = &config.encryption {
-        return envelope::seal(ring, scoped, stripped.as_ref().unwrap_or(record)).map(Some);
+        return envelope::seal(ring, scoped, stripped.as_deref().unwrap_or(record))
+            .map(|sealed| Some(Box::new(sealed)));
     }
     let _ = (config, scoped);
     Ok(stripped)

@@ -33,7 +33,7 @@ impl<St: IdempotencyStore> Ctx<St> {
         let sealed = crate::encryption::seal(&self.shared.config, self.scoped.as_str(), &record);
         let mut stored = match &sealed {
             Ok(sealed) => {
-                let to_store = sealed.as_ref().unwrap_or(&record);
+                let to_store = sealed.as_deref().unwrap_or(&record);
                 self.timed(
                     "complete",
                     watch,
@@ -50,7 +50,7 @@ impl<St: IdempotencyStore> Ctx<St> {
         {
             tracing::warn!(route = %self.route, error = %err, "could not store the response; trying again");
             // Boxed: rare, and its future would make every first delivery's future larger.
-            let to_store = sealed.as_ref().unwrap_or(&record);
+            let to_store = sealed.as_deref().unwrap_or(&record);
             stored = Box::pin(self.complete_again(token, to_store)).await;
         }
         #[cfg(feature = "cache")]
