@@ -21,9 +21,9 @@ use crate::record::CompletedRecord;
 use crate::store::{Claim, StoreError};
 
 /// The header that marks a sealed record. It is reserved: a response's own header of that name
-/// is never stored, and a record carrying it is opened (or refused), never replayed as it is,
-/// with or without the feature.
-const SEALED: HeaderName = HeaderName::from_static("tower-idempotency-sealed");
+/// is never stored (`record_of` drops it with the hop-by-hop headers), and a record carrying it
+/// is opened (or refused), never replayed as it is, with or without the feature.
+pub(crate) const SEALED: HeaderName = HeaderName::from_static("tower-idempotency-sealed");
 
 /// The form of `record` to store under `scoped`: `None` when it is stored as it is (no
 /// encryption configured). Boxed, so that the first delivery's future, which holds it across
@@ -33,19 +33,12 @@ pub(crate) fn seal(
     scoped: &str,
     record: &CompletedRecord,
 ) -> Result<Option<Box<CompletedRecord>>, StoreError> {
-    // The reserved header, sent by the handler itself, would make the record look sealed.
-    let stripped = record.headers.contains_key(SEALED).then(|| {
-        let mut headers = record.headers.clone();
-        headers.remove(SEALED);
-        Box::new(record.clone().with_headers(headers))
-    });
     #[cfg(feature = "encryption")]
     if let Some(ring) = &config.encryption {
-        return envelope::seal(ring, scoped, stripped.as_deref().unwrap_or(record))
-            .map(|sealed| Some(Box::new(sealed)));
+        return envelope::seal(ring, scoped, record).map(|sealed| Some(Box::new(sealed)));
     }
-    let _ = (config, scoped);
-    Ok(stripped)
+    let _ = (config, scoped, record);
+    Ok(None)
 }
 
 /// Opens the record a claim found under `scoped`; one that does not open is

@@ -86,6 +86,7 @@ fn storable_headers(headers: &HeaderMap, excluded: &[HeaderName]) -> Option<Head
     let dropped = |name: &HeaderName| {
         HOP_BY_HOP.contains(name)
             || *name == header::UPGRADE
+            || *name == crate::encryption::SEALED
             || excluded.contains(name)
             || connection_named
                 .iter()
