@@ -10,7 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::example::{Answer, Inventory, deliver, get};
-use common::postgres::{Schema, database_url, pool};
+use common::postgres::{Schema, database_url, pool, wait_until};
 use sqlx::PgPool;
 
 const ORDER: &str = r#"{"order_id":"o-1","items":[{"sku":"SKU123","qty":2}]}"#;
@@ -39,23 +39,6 @@ async fn inventory(addr: &str) -> String {
         .unwrap()
 }
 
-/// Polls `sql` (one boolean) until it is true; fails the test after 20 s.
-async fn wait_until(pool: &PgPool, sql: String, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let done: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
-            .fetch_optional(pool)
-            .await
-            .unwrap()
-            .flatten();
-        if done == Some(true) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Waits until a handler has changed the stock and is holding its answer: its transaction is
 /// open after the read of the stock that follows the update (or, were the change not in the
 /// request's transaction, the change is already visible).
@@ -66,7 +49,7 @@ async fn wait_for_hold(pool: &PgPool, schema: &Schema) {
                  AND query LIKE '%\"{name}\".inventory_stock ORDER BY sku') = 1
              OR (SELECT qty FROM \"{name}\".inventory_stock WHERE sku = 'SKU123') < 100"
     );
-    wait_until(pool, sql, "a handler holding its stock change").await;
+    wait_until(pool, &sql, "a handler holding its stock change").await;
 }
 
 /// The owner of the key's row (there is one key per test).
@@ -145,7 +128,7 @@ async fn sigstop_past_the_lease_then_the_stalled_commit_is_fenced_out() {
     let keys = format!("\"{}\".idempotency_keys", schema.name());
     wait_until(
         &pool,
-        format!("SELECT expires_at < clock_timestamp() FROM {keys}"),
+        &format!("SELECT expires_at < clock_timestamp() FROM {keys}"),
         "the stopped instance's lease to lapse",
     )
     .await;

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use tower_idempotency::{IdempotencyLayer, PgStore};
 
 use common::orders::{answer, orders, orders_app, pay_with, transactional};
-use common::postgres::{connect_options, pool};
+use common::postgres::{connect_options, pool, wait_until};
 
 /// The handler's insert and the record commit together; the retry replays and inserts nothing.
 /// A 5xx answer rolls the insert back and releases the key, so the retry runs once.
@@ -124,22 +124,6 @@ async fn pg_tx_needs_transactional_mode() {
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     assert!(body.contains("transactional"), "{body}");
     assert!(orders(&store, &table).await.is_empty());
-}
-
-/// Polls `sql` (one boolean) on `pool` until it is true; fails the test after 20 s.
-async fn wait_until(pool: &sqlx::PgPool, sql: &str, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let done: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
-            .fetch_one(pool)
-            .await
-            .unwrap();
-        if done {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Every backend of the store's pool is killed (`pg_terminate_backend`) while six handlers hold

@@ -118,3 +118,24 @@ pub async fn store(test: &str) -> (PgStore, Schema) {
     store.migrate().await.expect("migrate the test schema");
     (store, schema)
 }
+
+/// Polls `sql` (one boolean, or no row) on `pool` until it is true; fails the test, naming
+/// `what`, after 20 s.
+pub async fn wait_until(pool: &PgPool, sql: &str, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let done: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_optional(pool)
+            .await
+            .unwrap()
+            .flatten();
+        if done == Some(true) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
